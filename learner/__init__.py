@@ -1,0 +1,1 @@
+"""Learner side of IMPALA: V-trace, losses and the update loop."""
