@@ -1,0 +1,135 @@
+"""The reference update rules: hand-worked cases, float64 gradcheck (including the initial state), resets and
+the shape checks of the dispatch layer."""
+import pytest
+import torch
+
+from models import ops
+
+# Per rule: how many leading arguments are per-step sequences [T, B, ...], and which are initial states.
+SEQUENCE_INPUTS = {"sum_rule": 3, "delta_rule": 4, "rdn_rule": 4, "delta_rnn_rule": 4, "delta_lstm_rule": 4}
+STATE_INPUTS = {"sum_rule": {3}, "delta_rule": {4}, "rdn_rule": {8, 9}, "delta_rnn_rule": {4, 5},
+                "delta_lstm_rule": {4, 5, 6}}
+
+
+def rule_inputs(rule: str, T=4, B=2, H=2, d=3, seed=0, dtype=torch.float64):
+    """Inputs shaped as the models produce them (normalised keys, β in (0, 1)) and a non-zero initial state."""
+    g = torch.Generator().manual_seed(seed)
+    n = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    u = lambda *s: torch.rand(*s, generator=g, dtype=dtype)
+
+    def _positive_normalised(*shape):
+        x = u(*shape) + 0.1
+        return x / x.sum(-1, keepdim=True)
+
+    if rule == "sum_rule":
+        return [_positive_normalised(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d), 0.3 * n(B, H, d, d)]
+    if rule == "delta_rule":
+        return [_positive_normalised(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d),
+                u(T, B, H, 1), 0.3 * n(B, H, d, d)]
+    if rule == "rdn_rule":
+        return [n(T, B, H, d), n(T, B, H, d), n(T, B, H, d), n(T, B, H, 1), 0.5 * n(H, d, d), 0.5 * n(H, d, d),
+                0.5 * n(H, d, d), 0.5 * n(H, d), 0.3 * n(B, H, d, d), n(B, H, d)]
+    if rule == "delta_rnn_rule":
+        return [n(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d), u(T, B, H, 1),
+                0.3 * n(B, H, d, d), n(B, H, d)]
+    if rule == "delta_lstm_rule":
+        return [n(T, B, H, 3, d), _positive_normalised(T, B, H, 3, d), n(T, B, H, 3, d), u(T, B, H, 3, 1),
+                0.3 * n(B, H, 3, d, d), n(B, H, d), n(B, H, d)]
+    raise KeyError(rule)
+
+
+def run(rule, inputs, reset=None):
+    return getattr(ops, rule)(*inputs, reset, backend="reference")
+
+
+@pytest.mark.parametrize("rule", ops.RULE_NAMES)
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_gradcheck_every_input_and_initial_state(rule, with_reset):
+    inputs = [x.requires_grad_() for x in rule_inputs(rule)]
+    reset = torch.tensor([[False, False], [False, True], [True, False], [False, False]]) if with_reset else None
+
+    def f(*xs):
+        outs = run(rule, xs, reset)
+        return tuple(outs)  # outputs and every part of the final state
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_sum_rule_by_hand():
+    # One head, E = M = 2, W0 = 0. Writes k1=e0 -> v1=(1,2), then k2=e1 -> v2=(3,4); reading with q = e0 then
+    # q = (1, 1) gives v1 and then v1 + v2.
+    q = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 1, 1, 2)
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(2, 1, 1, 2)
+    y, W = run("sum_rule", [q, k, v, torch.zeros(1, 1, 2, 2)])
+    assert torch.equal(y.view(2, 2), torch.tensor([[1.0, 2.0], [4.0, 6.0]]))
+    assert torch.equal(W.view(2, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_delta_rule_retrieves_last_value_with_unit_learning_rate():
+    # With β = 1 and a one-hot key, the write replaces what was stored under that key: reading it back gives
+    # the last value written, not the sum (which the sum rule would return).
+    e0 = torch.tensor([1.0, 0.0, 0.0])
+    k = e0.expand(3, 3).reshape(3, 1, 1, 3)
+    v = torch.tensor([[1.0, 2.0], [5.0, -1.0], [7.0, 3.0]]).view(3, 1, 1, 2)
+    beta = torch.ones(3, 1, 1, 1)
+    y, W = run("delta_rule", [k, k, v, beta, torch.zeros(1, 1, 3, 2)])
+    assert torch.equal(y.view(3, 2), v.view(3, 2))
+    assert torch.equal(W[0, 0, 0], torch.tensor([7.0, 3.0]))
+    assert torch.equal(W[0, 0, 1:], torch.zeros(2, 2))
+
+
+def test_delta_rule_partial_learning_rate_by_hand():
+    # β = 0.5, key e1, stored value (2, 0): v̄ = (2, 0); u = 0.5 ((4, 2) − (2, 0)) = (1, 1); new row = (3, 1).
+    W0 = torch.tensor([[0.0, 0.0], [2.0, 0.0]]).view(1, 1, 2, 2)
+    k = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
+    q = torch.tensor([0.5, 0.5]).view(1, 1, 1, 2)
+    y, W = run("delta_rule", [q, k, torch.tensor([4.0, 2.0]).view(1, 1, 1, 2), torch.full((1, 1, 1, 1), 0.5), W0])
+    assert torch.equal(W.view(2, 2), torch.tensor([[0.0, 0.0], [3.0, 1.0]]))
+    assert torch.equal(y.view(2), torch.tensor([1.5, 0.5]))
+
+
+@pytest.mark.parametrize("rule", ops.RULE_NAMES)
+def test_reset_equals_fresh_run_and_blocks_gradient(rule):
+    T, t_reset = 6, 3
+    inputs = [x.requires_grad_() for x in rule_inputs(rule, T=T)]
+    reset = torch.zeros(T, 2, dtype=torch.bool)
+    reset[t_reset, 0] = True
+    outs = run(rule, inputs, reset)
+    # A fresh run on the tail from the zero state gives sample 0's outputs after the reset.
+    n_seq, states = SEQUENCE_INPUTS[rule], STATE_INPUTS[rule]
+    tail = [x[t_reset:] if i < n_seq else torch.zeros_like(x) if i in states else x for i, x in enumerate(inputs)]
+    fresh = run(rule, tail)
+    torch.testing.assert_close(outs[0][t_reset:, 0], fresh[0][:, 0], rtol=0, atol=1e-12)
+    # No gradient from an output after the reset into any per-step input before it, or into the initial state.
+    grads = torch.autograd.grad(outs[0][t_reset:, 0].sum(), inputs, allow_unused=True, retain_graph=True)
+    for i, (x, g) in enumerate(zip(inputs, grads)):
+        if i in states:
+            assert g is None or torch.count_nonzero(g[0]) == 0
+        elif i < n_seq:
+            assert g is None or torch.count_nonzero(g[:t_reset, 0]) == 0
+    # ... while the other sample, which did not reset, does depend on its early inputs.
+    grads = torch.autograd.grad(outs[0][-1, 1].sum(), inputs[1])
+    assert torch.count_nonzero(grads[0][0, 1]) > 0
+
+
+def test_inputs_are_not_modified():
+    inputs = rule_inputs("delta_rule")
+    copies = [x.clone() for x in inputs]
+    run("delta_rule", inputs)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, copies))
+
+
+def test_shape_errors_name_the_argument():
+    q, k, v, beta, W0 = rule_inputs("delta_rule")
+    with pytest.raises(ValueError, match=r"beta has shape \[4, 2, 2, 3\]; expected \[4, 2, 2, 1\]"):
+        ops.delta_rule(q, k, v, v, W0)
+    with pytest.raises(ValueError, match="W0 has shape"):
+        ops.delta_rule(q, k, v, beta, W0[:1])
+    with pytest.raises(ValueError, match="reset has shape"):
+        ops.delta_rule(q, k, v, beta, W0, torch.zeros(3, 2, dtype=torch.bool))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'.*reference"):
+        ops.sum_rule(*rule_inputs("sum_rule"), backend="gpu")
