@@ -1,0 +1,1 @@
+"""Supervised tasks: generated data sets (code execution, sequential ListOps), their caching and metrics."""
