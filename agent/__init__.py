@@ -1,0 +1,1 @@
+"""Command-line entrypoints (train, evaluate, supervised), configuration, checkpoints and run logs."""

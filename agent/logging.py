@@ -1,0 +1,49 @@
+"""Run logs: one row of scalars per log interval, to `logs.csv` and to TensorBoard, both keyed by frames."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class RunLogger:
+    """Appends rows to `run_dir/logs.csv` and writes TensorBoard scalars to `run_dir`.
+
+    Args:
+        run_dir: the run directory (created by the caller).
+        start_frames: the frame count the run starts from (the checkpoint's when resuming). Rows and events that
+            an earlier, interrupted run logged at or after it are dropped, so the logs continue from there.
+    """
+
+    def __init__(self, run_dir: str | Path, start_frames: int = 0):
+        self.csv_path = Path(run_dir) / "logs.csv"
+        self.fieldnames: list[str] | None = None
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fieldnames = reader.fieldnames
+                rows = [row for row in reader if int(row["frames"]) < start_frames]
+        if self.fieldnames:
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_frames)
+
+    def log(self, row: dict[str, float | int]) -> None:
+        """Write one row; `row["frames"]` is the x axis. Keys unknown to an existing CSV header go to TensorBoard
+        only."""
+        with open(self.csv_path, "a", newline="") as f:
+            if self.fieldnames is None:
+                self.fieldnames = list(row)
+                csv.DictWriter(f, self.fieldnames).writeheader()
+            csv.DictWriter(f, self.fieldnames, extrasaction="ignore").writerow(row)
+        for key, value in row.items():
+            if key != "frames" and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(key, value, global_step=row["frames"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,213 @@
+"""Train a sequence model on a supervised task with any core of the registry or the Transformer baseline.
+
+    python -m agent.supervised --task code_exec --variables 5 --core delta_rnn
+    python -m agent.supervised --task listops --depth 15 --core rec_delta
+    python -m agent.supervised --task wikitext103 --core delta_net --data-dir data/wikitext-103 [--carry-state]
+
+Defaults are the paper's (configs/supervised_algorithmic.yaml, configs/wikitext103_small.yaml); a --config file
+overrides them and flags override both. Everything lives in `runs/<name>/`: config.yaml, logs.csv, TensorBoard
+events, checkpoint.pt (resumption), best.pt (best validation) and results.yaml (the final evaluation of the
+best model). Running the same command again resumes the run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from agent.config import CONFIG_DIR, _checked, _unknown_key_error, load_yaml, save_config
+from agent.checkpoint import CheckpointMismatchError
+from learner.supervised import SCHEDULES, LanguageModelTask, OptimConfig, TaggingTask, train
+from models.ops import BACKEND_NAMES
+from models.sequence import SUPERVISED_CORE_NAMES, LanguageModel, SequenceTagger, build_core
+from tasks.data import DataFileError, load_or_generate
+from tasks.wikitext import load_corpus
+
+TASK_CONFIGS = {
+    "code_exec": "supervised_algorithmic.yaml",
+    "listops": "supervised_algorithmic.yaml",
+    "wikitext103": "wikitext103_small.yaml",
+}
+# Keys that only one task reads: giving them for another task is an error rather than silently ignored.
+TASK_ONLY_KEYS = {"variables": "code_exec", "statements": "code_exec", "depth": "listops"}
+MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "ff_size")
+POSITIVE_INT_KEYS = ("hidden_size", "num_layers", "num_heads", "ff_size", "batch_size", "eval_batch_size",
+                     "log_every", "segment_len", "sliding_batch_size", "sliding_stride")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m agent.supervised",
+        description="Train a sequence model (token embedding -> core -> head) on code execution, sequential "
+        "ListOps or WikiText-103. Defaults are the paper's (configs/supervised_algorithmic.yaml, "
+        "configs/wikitext103_small.yaml); a --config file overrides them and flags override both. Running "
+        "the same command again resumes the run.",
+    )
+    p.add_argument("--task", required=True, choices=sorted(TASK_CONFIGS), help="the supervised task")
+    p.add_argument("--core", help=f"sequence model: {', '.join(SUPERVISED_CORE_NAMES)}")
+    p.add_argument("--config", help="YAML file with config keys (those of the task's file in configs/)")
+    p.add_argument("--name", help="run name; the run lives in RUNS_DIR/NAME (default: <task>_<core>, with the "
+                   "number of variables or the depth)")
+    p.add_argument("--runs-dir", help="parent directory of runs (default: runs)")
+    p.add_argument("--data-dir", help="code_exec/listops: where data sets are generated and cached (default: "
+                   "data); wikitext103: the folder holding wiki.{train,valid,test}.tokens (default: "
+                   "data/wikitext-103)")
+    data = p.add_argument_group("task parameters")
+    data.add_argument("--variables", type=int, help="code_exec: variables per program (default: 3)")
+    data.add_argument("--statements", type=int, help="code_exec: statements per program (default: 100)")
+    data.add_argument("--depth", type=int, help="listops: nesting depth (default: 10)")
+    data.add_argument("--split-sizes", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                      help="code_exec/listops: sequences per split (default: 10000 1000 1000)")
+    train_args = p.add_argument_group("training")
+    train_args.add_argument("--epochs", type=int, help="passes over the training data (algorithmic default: 200)")
+    train_args.add_argument("--steps", type=int, help="updates to train for; replaces --epochs (wikitext103 "
+                            "default: 500000)")
+    train_args.add_argument("--batch-size", type=int, help="sequences (wikitext103: parallel streams) per update "
+                            "(defaults: 64, 96)")
+    train_args.add_argument("--learning-rate", type=float, help="Adam learning rate (defaults: 3e-4, 2.5e-4)")
+    train_args.add_argument("--grad-norm-clip", type=float, help="global gradient-norm bound, 0 = none (defaults: "
+                            "0, 0.25)")
+    train_args.add_argument("--warmup-steps", type=int, help="linear warm-up updates (defaults: 0, 2000)")
+    train_args.add_argument("--lr-schedule", choices=SCHEDULES, help="after warm-up (defaults: constant, cosine)")
+    train_args.add_argument("--eval-every", type=int, help="validation interval in updates, 0 = each epoch "
+                            "(defaults: 0, 4000)")
+    train_args.add_argument("--segment-len", type=int, help="wikitext103: tokens per segment and evaluation "
+                            "window (default: 256)")
+    train_args.add_argument("--sliding-stride", type=int, help="wikitext103: tokens the final sliding-window "
+                            "evaluation moves on by; 1 is the paper's protocol, larger is faster (default: 1)")
+    train_args.add_argument("--carry-state", action="store_true", default=None,
+                            help="wikitext103: carry each core's final state, detached, into the next segment "
+                            "of the same stream (the paper's 'full context' setting; default: off)")
+    train_args.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    train_args.add_argument("--backend", choices=BACKEND_NAMES, help="fast-weight rule backend (default: auto)")
+    train_args.add_argument("--seed", type=int, help="seeds the model and the data order (defaults: 11, 1111)")
+    sizes = p.add_argument_group("model sizes", "defaults: 4 x 256, 16 heads, ff 1024, dropout 0.1 "
+                                 "(algorithmic); 16 x 128, 8 heads, ff 2048, dropout 0.1 (wikitext103)")
+    sizes.add_argument("--hidden-size", type=int, help="model width (heads split it evenly)")
+    sizes.add_argument("--num-layers", type=int, help="stacked blocks")
+    sizes.add_argument("--num-heads", type=int, help="fast-weight / attention heads")
+    sizes.add_argument("--ff-size", type=int, help="feed-forward width of each block")
+    sizes.add_argument("--dropout", type=float, help="dropout rate")
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a clear error for names torch rejects or absent CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}: use auto, cpu, cuda or cuda:N ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use --device cpu")
+    return device
+
+
+def resolve_config(task: str, config_file: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """The task's defaults, then `config_file`, then `overrides` (flag values; None = not given).
+
+    Unknown keys, values of the wrong type, task parameters given for another task and inconsistent sizes raise
+    ValueError saying what to change.
+    """
+    if task not in TASK_CONFIGS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_CONFIGS)}")
+    defaults = load_yaml(CONFIG_DIR / TASK_CONFIGS[task])
+    config = dict(defaults)
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    flag_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for source, values in ((str(config_file), file_values), ("the command line", flag_values)):
+        for key, value in values.items():
+            if key not in defaults:
+                raise _unknown_key_error(key, list(defaults), source)
+            if TASK_ONLY_KEYS.get(key, task) != task:
+                raise ValueError(f"{key} is a parameter of --task {TASK_ONLY_KEYS[key]}, not of {task}")
+            config[key] = _checked(key, value, defaults[key])
+    config["task"] = task
+    if config["core"] is None:
+        raise ValueError(f"no core given: pass --core ({', '.join(SUPERVISED_CORE_NAMES)})")
+    build_core(config["core"], 1, *(config[k] for k in MODEL_KEYS), dropout=0.0)  # bad name or sizes fail early
+    for key in POSITIVE_INT_KEYS:
+        if key in config and config[key] < 1:
+            raise ValueError(f"{key} must be at least 1, got {config[key]}")
+    if config["steps"] < 1 and config["epochs"] < 1:
+        raise ValueError("give a training length: --steps N or --epochs N (at least 1)")
+    OptimConfig.from_config(config)  # an unknown lr_schedule fails here, early
+    if config.get("carry_state") and config["core"] in ("transformer", "none"):
+        raise ValueError(
+            f"--carry-state needs a core with a state to carry; {config['core']!r} has none. Use a fast-weight "
+            "core (e.g. delta_net, rec_delta, delta_rnn) or the lstm"
+        )
+    resolve_device(config["device"])
+    if config["name"] is None:
+        variant = config.get({"code_exec": "variables", "listops": "depth"}.get(task), "")
+        config["name"] = f"{task}{variant}_{config['core']}"
+    return config
+
+
+def identity(config: dict) -> dict:
+    """The settings a checkpoint must share with the run that resumes it: task, data and model."""
+    keys = ["task", "core", *MODEL_KEYS]
+    keys += {"code_exec": ["variables", "statements", "split_sizes", "data_seed"],
+             "listops": ["depth", "split_sizes", "data_seed"],
+             "wikitext103": ["cutoffs", "tie_weights"]}[config["task"]]
+    return {key: config[key] for key in keys}
+
+
+def run(config: dict, progress: bool = True) -> dict[str, float]:
+    """Train (or resume) the run `config` (from `resolve_config`) describes; returns the final metrics."""
+    device = resolve_device(config["device"])
+    optim = OptimConfig.from_config(config)
+    torch.manual_seed(config["seed"])
+    sizes = {key: config[key] for key in (*MODEL_KEYS, "dropout")}
+    if config["task"] == "wikitext103":
+        corpus = load_corpus(config["data_dir"], progress=progress)
+        model = LanguageModel(corpus.vocab_size, config["core"], cutoffs=config["cutoffs"] or None,
+                              tie_weights=config["tie_weights"], backend=config["backend"], **sizes)
+        task = LanguageModelTask(
+            corpus, config["batch_size"], config["segment_len"], device, carry_state=config["carry_state"],
+            eval_batch_size=config["eval_batch_size"], sliding_stride=config["sliding_stride"],
+            sliding_batch_size=config["sliding_batch_size"],
+        )
+    else:
+        params = {"code_exec": {"num_variables": config["variables"], "num_statements": config["statements"]},
+                  "listops": {"depth": config["depth"]}}[config["task"]]
+        splits = load_or_generate(config["task"], config["data_dir"], split_sizes=config["split_sizes"],
+                                  seed=config["data_seed"], **params)
+        train_set = splits["train"]
+        model = SequenceTagger(len(train_set.input_vocab), len(train_set.output_vocab), config["core"],
+                               backend=config["backend"], **sizes)
+        task = TaggingTask(config["task"], splits, config["batch_size"], config["seed"], device,
+                           eval_batch_size=config["eval_batch_size"])
+    total_steps = config["steps"] if config["steps"] > 0 else config["epochs"] * task.steps_per_epoch
+    run_dir = Path(config["runs_dir"]) / config["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    print(f"{config['task']} with {config['core']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{total_steps:,} updates ({task.steps_per_epoch:,} per epoch) on {device}; run in {run_dir}", flush=True)
+    results = train(
+        model.to(device), task, optim, total_steps=total_steps,
+        eval_every=config["eval_every"] or task.steps_per_epoch, run_dir=run_dir, identity=identity(config),
+        log_every=config["log_every"], progress=progress,
+    )
+    save_config(results, run_dir / "results.yaml")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = vars(parse_args(argv))
+    task, config_file = args.pop("task"), args.pop("config")
+    try:
+        config = resolve_config(task, config_file, args)
+        results = run(config)
+    except (ValueError, FileNotFoundError, DataFileError, CheckpointMismatchError) as e:
+        sys.exit(f"error: {e}")
+    for key, value in results.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
