@@ -60,7 +60,7 @@ class Actor:
         env_seed, sampler_seed = np.random.SeedSequence([seed, index]).generate_state(2)
         self.env = make_vector_env(game, num_envs, seed=int(env_seed % 2**31), **env_options)
         # Channels-last convolutions run about twice as fast on CPUs (no effect on models without convolutions).
-        self.net = PolicyNet(**model_spec).to(memory_format=torch.channels_last).eval()
+        self.net = PolicyNet(**model_spec).eval()
         self.generator = torch.Generator().manual_seed(int(sampler_seed))
         self.version = -1
         self._last: dict[str, np.ndarray] | None = None  # the latest step, to be repeated as the next step 0

@@ -83,9 +83,14 @@ def check_compatible(checkpoint: dict, game: str, config: dict, path: str | Path
         )
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[PolicyNet, dict]:
-    """The trained `PolicyNet` of a checkpoint (in eval mode, on `device`) and the checkpoint dict."""
-    checkpoint = load_checkpoint(path, map_location=device)
+def policy_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> PolicyNet:
+    """The trained `PolicyNet` of a loaded checkpoint dict, in eval mode, on `device`."""
     net = PolicyNet(**checkpoint["model_spec"])
     net.load_state_dict(checkpoint["learner"]["model"])
-    return net.to(device).eval(), checkpoint
+    return net.to(device).eval()
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> tuple[PolicyNet, dict]:
+    """The trained `PolicyNet` of a checkpoint file (in eval mode, on `device`) and the checkpoint dict."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    return policy_from_checkpoint(checkpoint, device), checkpoint

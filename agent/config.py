@@ -40,13 +40,13 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
+def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}.{hint} Known keys: {', '.join(sorted(known))}")
 
 
-def _checked(key: str, value, default):
+def checked_value(key: str, value, default):
     """`value` converted to the type of `default` (keys that default to null take strings), or a ConfigError."""
     if value is None:
         return None
@@ -63,6 +63,19 @@ def _checked(key: str, value, default):
     if not ok:
         raise ConfigError(f"config key {key!r} must be of type {expected.__name__}, got {value!r}")
     return expected(value)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a clear error for names torch rejects or absent CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}: use auto, cpu, cuda or cuda:N ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use --device cpu")
+    return device
 
 
 def _validate(config: dict) -> None:
@@ -86,11 +99,9 @@ def _validate(config: dict) -> None:
             "a batch is made of whole unrolls, each carrying envs_per_actor environments"
         )
     try:
-        device = torch.device(config["device"]) if config["device"] != "auto" else None
-    except RuntimeError as e:
-        raise ConfigError(f"invalid device {config['device']!r}: use auto, cpu, cuda or cuda:N ({e})") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {config['device']!r} asked for, but CUDA is not available: use --device cpu")
+        resolve_device(config["device"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: dict | None = None) -> dict:
@@ -110,14 +121,14 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict | None
     for source, values in ((str(config_file), file_values), ("the overrides", flag_values)):
         for key, value in values.items():
             if key not in defaults:
-                raise _unknown_key_error(key, list(defaults) + ["core_kwargs"], source)
-            config[key] = _checked(key, value, defaults[key])
+                raise unknown_key_error(key, list(defaults) + ["core_kwargs"], source)
+            config[key] = checked_value(key, value, defaults[key])
     _validate(config)
     core_sizes = load_yaml(CONFIG_DIR / "cores.yaml")
     config["core_kwargs"] = {**core_sizes.get(config["core"], {}), **file_core_kwargs, **flag_core_kwargs}
     for key in config["core_kwargs"]:
         if key not in CORE_SIZE_KEYS:
-            raise _unknown_key_error(key, list(CORE_SIZE_KEYS), "core_kwargs")
+            raise unknown_key_error(key, list(CORE_SIZE_KEYS), "core_kwargs")
     try:
         make_core(config["core"], input_size=1, **config["core_kwargs"])  # inconsistent sizes fail here, early
     except ValueError as e:

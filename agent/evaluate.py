@@ -35,9 +35,8 @@ from actors.recording import (
     save_trajectory,
     write_json,
 )
-from agent.checkpoint import load_checkpoint, load_policy
-from agent.config import ENV_OPTION_KEYS
-from agent.train import resolve_device
+from agent.checkpoint import load_checkpoint, policy_from_checkpoint
+from agent.config import ENV_OPTION_KEYS, resolve_device
 from models import CORE_NAMES, PolicyNet
 
 CHECKPOINT_KEYS = ("learner", "config", "game", "model_spec")
@@ -95,7 +94,7 @@ def load_evaluated_policy(path: Path, device: torch.device) -> tuple[PolicyNet, 
     except ValueError as e:
         raise EvaluationError(f"{path} plays a game this installation lacks: {e}") from None
     try:
-        net, checkpoint = load_policy(path, device)  # reads the file again: checkpoints are tens of MB at most
+        net = policy_from_checkpoint(checkpoint, device)
     except (RuntimeError, ValueError, TypeError) as e:
         raise EvaluationError(f"{path}: its weights do not fit its model spec ({str(e).splitlines()[0]})") from None
     return net, checkpoint

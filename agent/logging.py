@@ -1,4 +1,5 @@
-"""Run logs: one row of scalars per log interval, to `logs.csv` and to TensorBoard, both keyed by frames."""
+"""Run logs: one row of scalars per log interval, to `logs.csv` and to TensorBoard, both keyed by one counter
+(environment frames for RL, optimiser steps for the supervised tasks)."""
 from __future__ import annotations
 
 import csv
@@ -13,27 +14,29 @@ class RunLogger:
 
     Args:
         run_dir: the run directory (created by the caller).
-        start_frames: the frame count the run starts from (the checkpoint's when resuming). Rows and events that
-            an earlier, interrupted run logged at or after it are dropped, so the logs continue from there.
+        start: the counter the run starts from (the checkpoint's when resuming). Rows and events that an
+            earlier, interrupted run logged at or after it are dropped, so the logs continue from there.
+        x_key: the row key that is the x axis: "frames" or "step".
     """
 
-    def __init__(self, run_dir: str | Path, start_frames: int = 0):
+    def __init__(self, run_dir: str | Path, start: int = 0, x_key: str = "frames"):
         self.csv_path = Path(run_dir) / "logs.csv"
+        self.x_key = x_key
         self.fieldnames: list[str] | None = None
         if self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = reader.fieldnames
-                rows = [row for row in reader if int(row["frames"]) < start_frames]
+                rows = [row for row in reader if int(row[x_key]) < start]
         if self.fieldnames:
             with open(self.csv_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, self.fieldnames)
                 writer.writeheader()
                 writer.writerows(rows)
-        self.writer = SummaryWriter(str(run_dir), purge_step=start_frames)
+        self.writer = SummaryWriter(str(run_dir), purge_step=start)
 
     def log(self, row: dict[str, float | int]) -> None:
-        """Write one row; `row["frames"]` is the x axis. Keys unknown to an existing CSV header go to TensorBoard
+        """Write one row; `row[x_key]` is the x axis. Keys unknown to an existing CSV header go to TensorBoard
         only."""
         with open(self.csv_path, "a", newline="") as f:
             if self.fieldnames is None:
@@ -41,8 +44,8 @@ class RunLogger:
                 csv.DictWriter(f, self.fieldnames).writeheader()
             csv.DictWriter(f, self.fieldnames, extrasaction="ignore").writerow(row)
         for key, value in row.items():
-            if key != "frames" and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(key, value, global_step=row["frames"])
+            if key != self.x_key and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(key, value, global_step=row[self.x_key])
         self.writer.flush()
 
     def close(self) -> None:

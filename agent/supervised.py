@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from agent.config import CONFIG_DIR, _checked, _unknown_key_error, load_yaml, save_config
+from agent.config import CONFIG_DIR, checked_value, load_yaml, resolve_device, save_config, unknown_key_error
 from agent.checkpoint import CheckpointMismatchError
 from learner.supervised import SCHEDULES, LanguageModelTask, OptimConfig, TaggingTask, train
 from models.ops import BACKEND_NAMES
@@ -93,19 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; a clear error for names torch rejects or absent CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {name!r}: use auto, cpu, cuda or cuda:N ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available: use --device cpu")
-    return device
-
-
 def resolve_config(task: str, config_file: str | Path | None = None, overrides: dict | None = None) -> dict:
     """The task's defaults, then `config_file`, then `overrides` (flag values; None = not given).
 
@@ -121,10 +108,10 @@ def resolve_config(task: str, config_file: str | Path | None = None, overrides: 
     for source, values in ((str(config_file), file_values), ("the command line", flag_values)):
         for key, value in values.items():
             if key not in defaults:
-                raise _unknown_key_error(key, list(defaults), source)
+                raise unknown_key_error(key, list(defaults), source)
             if TASK_ONLY_KEYS.get(key, task) != task:
                 raise ValueError(f"{key} is a parameter of --task {TASK_ONLY_KEYS[key]}, not of {task}")
-            config[key] = _checked(key, value, defaults[key])
+            config[key] = checked_value(key, value, defaults[key])
     config["task"] = task
     if config["core"] is None:
         raise ValueError(f"no core given: pass --core ({', '.join(SUPERVISED_CORE_NAMES)})")

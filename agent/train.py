@@ -29,7 +29,7 @@ from actors.envs import env_spaces, resolve_game
 from agent.checkpoint import (
     CheckpointMismatchError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 )
-from agent.config import CONFIG_DIR, ConfigError, env_options, load_yaml, resolve_config, save_config
+from agent.config import CONFIG_DIR, ConfigError, env_options, load_yaml, resolve_config, resolve_device, save_config
 from agent.logging import RunLogger
 from learner.impala import Hyperparameters, LearnerState, batch_unrolls, update
 from models import CORE_NAMES, PolicyNet
@@ -76,12 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes.add_argument("--head-dim", type=int, help="size of each fast-weight head")
     sizes.add_argument("--ff-size", type=int, help="feed-forward width of each fast-weight block")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -149,7 +143,7 @@ def train(config: dict) -> dict:
     device = resolve_device(config["device"])
     hp = Hyperparameters.from_config(config)
     # Channels-last convolutions: about twice as fast on CPUs (as in the actors).
-    learner = LearnerState.create(PolicyNet(**model_spec).to(device, memory_format=torch.channels_last), hp)
+    learner = LearnerState.create(PolicyNet(**model_spec).to(device), hp)
     if checkpoint is not None:
         learner.load_state_dict(checkpoint["learner"])
         set_rng_state(checkpoint["rng"])
@@ -183,7 +177,7 @@ def train(config: dict) -> dict:
 
     T, N, B = config["unroll_length"], config["envs_per_actor"], config["batch_size"]
     owns_ray = connect_ray(config["ray_address"])
-    logger = RunLogger(run_dir, start_frames=learner.frames)
+    logger = RunLogger(run_dir, start=learner.frames)
     try:
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
         num_actors = config["num_actors"] or max(1, int((cluster_cpus - 1) // config["actor_cpus"]))

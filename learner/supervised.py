@@ -336,7 +336,7 @@ def train(
         )
 
     # Rows up to the checkpoint's step were logged before it was saved; later ones are dropped and redone.
-    logger = RunLogger(run_dir, start_frames=step + 1 if resumed else 0)
+    logger = RunLogger(run_dir, start=step + 1 if resumed else 0, x_key="step")
 
     def validate() -> dict[str, float]:
         model.eval()
@@ -348,7 +348,7 @@ def train(
     train_keys = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
     if step == 0:
         # The untrained model's validation: a baseline, and the first row names every CSV column.
-        logger.log({"frames": 0, "epoch": 0, **dict.fromkeys(train_keys, math.nan), **validate()})
+        logger.log({"step": 0, "epoch": 0, **dict.fromkeys(train_keys, math.nan), **validate()})
     params = [p for p in model.parameters() if p.requires_grad]
     clip = optim.grad_norm_clip if optim.grad_norm_clip > 0 else math.inf
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not progress)
@@ -378,7 +378,7 @@ def train(
                 if step % log_every == 0 or step == total_steps:
                     row = dict(zip(train_keys, (loss_sum / steps_done, scheduler.get_last_lr()[0], grad_norm,
                                                 token_sum / seconds)))
-                    logger.log({"frames": step, "epoch": epoch, **row})
+                    logger.log({"step": step, "epoch": epoch, **row})
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}",
                                     tok_s=f"{row['train/tokens_per_s']:.0f}")
                     loss_sum, token_sum, steps_done, seconds = 0.0, 0, 0, 0.0
@@ -388,7 +388,7 @@ def train(
                     if _is_better(task, value, best):
                         best, best_step = value, step
                         save_checkpoint({"model": model.state_dict(), "step": step, "metrics": metrics}, best_path)
-                    logger.log({"frames": step, "epoch": epoch, **metrics})
+                    logger.log({"step": step, "epoch": epoch, **metrics})
                     bar.write(f"step {step}: valid {task.selection_metric} {value:.4f} "
                               f"(best {best if best is not None else math.nan:.4f} at step {best_step})")
                     save()

@@ -1,9 +1,21 @@
-"""Shared fixtures. Ray starts once per test session (each start costs seconds), in-process and on 127.0.0.1."""
+"""Shared fixtures. Ray starts once per test session (each start costs seconds), in-process and on 127.0.0.1;
+torch runs on one thread."""
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread: the small models of the tests are fastest there, results do not
+    depend on the machine's core count, and OpenMP spinning cannot stall a test on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,6 @@ SMALL_CORES = {
 MEMORY_SPEC = dict(observation_shape=(5,), num_actions=4)  # MemoryEnv with its default 4 cues
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU models run fastest, and are not slowed down by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_actors(game: str, spec: dict, num_actors: int, num_envs: int, T: int) -> list[Actor]:
     return [Actor(game, {}, num_envs, spec, T, seed=3, index=i) for i in range(num_actors)]
 

@@ -33,14 +33,6 @@ def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0) -> list[fl
     return returns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and fastest for these small models
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "core, core_kwargs",
