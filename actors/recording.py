@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.envs import make_vector_env
+from agent.files import atomic_path
 from models import PolicyNet
 
 TRAJECTORY_FORMAT = 1
@@ -46,21 +45,6 @@ STEP_ARRAYS = {"actions": np.int64, "rewards": np.float32, "done": np.bool_, "pr
 
 class TrajectoryError(ValueError):
     """A recorded episode cannot be read or does not fit the policy it is compared with."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path`, with the same suffix (cv2 picks the container from it), that replaces
-    `path` when the block completes; on error it is removed and `path` is left as it was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(data: dict, path: str | Path) -> None:

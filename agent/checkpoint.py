@@ -8,14 +8,11 @@ RNG states as tensors).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from agent.files import atomic_path
 from models import PolicyNet
 
 # Keys that change what the checkpoint's model is or sees; anything else may change between resumptions.
@@ -24,21 +21,6 @@ IDENTITY_KEYS = ("core", "core_kwargs", "use_last_action", "frame_stack", "frame
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in a run directory belongs to a different game, core or model."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
-    """A temporary path beside `path` to write to; renamed onto `path` when the block ends (removed on error),
-    so readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> None:

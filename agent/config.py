@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from actors.envs import resolve_game
-from agent.checkpoint import atomic_path
+from agent.files import atomic_path
 from models import check_core_name, make_core
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

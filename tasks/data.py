@@ -28,9 +28,7 @@ import argparse
 import hashlib
 import importlib
 import json
-import os
 import random
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,8 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
+
+from agent.files import atomic_path
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -150,18 +150,8 @@ def _generate(task: str, params: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _write(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
     """Write atomically: a reader sees either no file or the complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a data file is shared like any other
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, metadata=np.array(json.dumps(metadata)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, metadata=np.array(json.dumps(metadata)), **arrays)
 
 
 def _read(path: Path, expected: dict[str, Any]) -> dict[str, np.ndarray]:

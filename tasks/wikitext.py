@@ -8,7 +8,6 @@ no minimum count and no size limit. `<eos>` gets id 0 and the other words follow
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from array import array
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from agent.files import atomic_path
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -135,16 +136,10 @@ def _load_cache(path: Path, signature: list[list[int]]) -> Corpus | None:
 
 
 def _save_cache(path: Path, corpus: Corpus, signature: list[list[int]]) -> None:
-    """Write the cache atomically (temporary file in the same folder, then os.replace)."""
+    """Write the cache atomically."""
     blob = {"version": CACHE_VERSION, "sources": signature, "vocab": list(corpus.vocab), **corpus.splits}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_corpus(data_dir: str | os.PathLike, use_cache: bool = True, progress: bool = True) -> Corpus:
