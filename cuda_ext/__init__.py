@@ -1,18 +1,11 @@
-"""Fused kernels for the fast-weight update rules (being written; see issue 5).
+"""Fused kernels of the fast-weight update rules: CUDA kernels and a C++ CPU backend, with their loader and
+autograd functions (design.md §7, kernels.md).
 
-Contract used by `models.ops`: `auto_backend(device_type) -> str` names the fastest backend that can run on
-that device type ("cuda", "cpu" or "reference"); `load_backend(name) -> module` returns a module with the same
-rule functions as `models.ops.reference`, or raises `BackendUnavailable` saying why it cannot run.
+Contract used by `models.ops`: `auto_backend(device_type)` names the backend `backend="auto"` runs ("cuda",
+"cpu" or "reference"); `load_backend(name)` returns an object with the rule functions of
+`models.ops.reference` computed by the compiled backend `name`, or raises `BackendUnavailable` saying why it
+cannot run. Nothing is compiled at import; `python -m cuda_ext build` builds ahead of first use.
 """
+from cuda_ext.loader import BackendUnavailable, auto_backend, is_built, load_backend
 
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why and what to do."""
-
-
-def auto_backend(device_type: str) -> str:
-    return "reference"
-
-
-def load_backend(name: str):
-    raise BackendUnavailable(f"the {name!r} backend is not built in this version; use backend='reference'")
+__all__ = ["BackendUnavailable", "auto_backend", "is_built", "load_backend"]
