@@ -59,7 +59,6 @@ class Actor:
         self.incarnation = uuid.uuid4().hex[:8]  # tells the learner when a slot's process was replaced
         env_seed, sampler_seed = np.random.SeedSequence([seed, index]).generate_state(2)
         self.env = make_vector_env(game, num_envs, seed=int(env_seed % 2**31), **env_options)
-        # Channels-last convolutions run about twice as fast on CPUs (no effect on models without convolutions).
         self.net = PolicyNet(**model_spec).eval()
         self.generator = torch.Generator().manual_seed(int(sampler_seed))
         self.version = -1
@@ -106,8 +105,9 @@ class Actor:
             `last_action`, `action` [T+1, N] int64, `policy_logits` [T+1, N, A] float32, `baseline` [T+1, N]
             float32; `core_state` (list of arrays [N, ...], the state before step 0 was fed), `version` (the
             policy version that chose the actions of steps 1..T; step 0's came with the previous unroll and may be
-            one version older: V-trace uses the recorded logits either way), `actor` (index), `incarnation`, `episodes` (list of `Episode` that
-            ended during the unroll) and `frames` (emulator frames of its T new steps).
+            one version older: V-trace uses the recorded logits either way), `actor` (index), `incarnation`,
+            `episodes` (list of `Episode` that ended during the unroll) and `frames` (emulator frames of its T new
+            steps).
         """
         if weights is not None:
             self.load_weights(version, weights)

@@ -229,14 +229,14 @@ def rescore_policy(
         result = replay(net, trajectory, device)
         n = result.compared
         targets = discounted_returns(trajectory.rewards, trajectory.done, config["discount"], config["reward_clip"])
-        agree += int((result.greedy_actions == trajectory.actions[:n]).sum())
+        agreed = result.greedy_actions == trajectory.actions[:n]
+        agree += int(agreed.sum())
         value_error += float(np.abs(result.values - targets[:n]).sum())
         recorded_error += float(np.abs(trajectory.values[:n] - targets[:n]).sum())
         compared += n
         episodes.append({"episode": stem, "reproduced": result.reproduced, "mismatch": result.mismatch,
                          "steps_compared": n,
-                         "action_agreement": float(np.mean(result.greedy_actions == trajectory.actions[:n]))
-                         if n else None})
+                         "action_agreement": float(agreed.mean()) if n else None})
     return {
         "checkpoint": label,
         "checkpoint_path": str(path),
@@ -337,11 +337,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     paths = find_checkpoints(args.checkpoint)
     labels = labels_for(paths)
     try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        raise EvaluationError(f"invalid --device {args.device!r}: use auto, cpu, cuda or cuda:N ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {args.device} asked for, but CUDA is not available: use --device cpu")
+        device = resolve_device(args.device)  # its ValueError names the bad device and the fix
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
     trajectories = None
     if args.episodes_dir is not None:
         trajectories = load_trajectories(args.episodes_dir)

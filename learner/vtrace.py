@@ -41,6 +41,15 @@ def _check_threshold(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be positive or None, got {value}")
 
 
+def _check_policy(name: str, logits: torch.Tensor, actions: torch.Tensor) -> None:
+    """`logits` (called `name` in errors) must be [T, B, A] and `actions` an integer [T, B]."""
+    if logits.dim() != 3:
+        raise ValueError(f"{name} must be [T, B, A], got shape {tuple(logits.shape)}")
+    _require_shape("actions", actions, tuple(logits.shape[:2]), f"{name} [T, B, :]")
+    if actions.dtype.is_floating_point or actions.dtype == torch.bool:
+        raise ValueError(f"actions must be an integer tensor, got dtype {actions.dtype}")
+
+
 def action_log_probs(policy_logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """Log-probability of the taken actions under a categorical policy.
 
@@ -51,11 +60,7 @@ def action_log_probs(policy_logits: torch.Tensor, actions: torch.Tensor) -> torc
     Returns:
         [T, B] log pi(a_t | x_t); differentiable with respect to `policy_logits`.
     """
-    if policy_logits.dim() != 3:
-        raise ValueError(f"policy_logits must be [T, B, A], got shape {tuple(policy_logits.shape)}")
-    _require_shape("actions", actions, tuple(policy_logits.shape[:2]), "policy_logits [T, B, :]")
-    if actions.dtype.is_floating_point or actions.dtype == torch.bool:
-        raise ValueError(f"actions must be an integer tensor, got dtype {actions.dtype}")
+    _check_policy("policy_logits", policy_logits, actions)
     log_probs = F.log_softmax(policy_logits, dim=-1)
     return log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
@@ -144,18 +149,13 @@ def from_logits(
         action log-probs, and both action log-probs; all [T, B]. The log-prob fields keep their autograd
         history, so `target_action_log_probs` is differentiable in `target_policy_logits`.
     """
-    if target_policy_logits.dim() != 3:
-        raise ValueError(
-            f"target_policy_logits must be [T, B, A], got shape {tuple(target_policy_logits.shape)}"
-        )
+    _check_policy("target_policy_logits", target_policy_logits, actions)
     _require_shape(
         "behavior_policy_logits",
         behavior_policy_logits,
         tuple(target_policy_logits.shape),
         "target_policy_logits [T, B, A]",
     )
-    _require_shape("actions", actions, tuple(target_policy_logits.shape[:2]), "policy logits [T, B, :]")
-
     target_action_log_probs = action_log_probs(target_policy_logits, actions)
     behavior_action_log_probs = action_log_probs(behavior_policy_logits, actions)
     log_rhos = target_action_log_probs - behavior_action_log_probs

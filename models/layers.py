@@ -48,7 +48,8 @@ class FastWeightLayer(nn.Module):
         y, state = self.program(p, state, reset)
         return self.out(y.reshape(T, B, -1)), state
 
-    def initial_state(self, batch_size: int, device: torch.device | None, dtype: torch.dtype) -> tuple:
+    def initial_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> tuple:
+        """Zero state: one tensor [batch_size, *shape] per entry of `state_shapes()`."""
         return tuple(torch.zeros(batch_size, *shape, device=device, dtype=dtype) for shape in self.state_shapes())
 
     def state_shapes(self) -> list[tuple[int, ...]]:

@@ -286,6 +286,8 @@ def test_bad_checkpoints_get_clear_errors(run_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         main(["--checkpoint", str(empty)])
+    with pytest.raises(SystemExit, match="invalid device 'tpu7': use auto, cpu, cuda or cuda:N"):
+        main(["--checkpoint", str(run_dir), "--device", "tpu7"])
 
 
 def test_command_line_reports_errors_without_a_traceback(tmp_path):

@@ -48,6 +48,12 @@ def _check(name: str, t: Tensor, shape: tuple[int | None, ...]) -> None:
         raise ValueError(f"{name} has shape {list(t.shape)}; expected {want}")
 
 
+def _dims(name: str, t: Tensor, n: int) -> tuple[int, ...]:
+    """The shape of `t`, which must have `n` dimensions (the tensor the other shapes are checked against)."""
+    _check(name, t, (None,) * n)
+    return tuple(t.shape)
+
+
 def _check_reset(reset: Tensor | None, T: int, B: int) -> None:
     if reset is not None:
         _check("reset", reset, (T, B))
@@ -57,10 +63,12 @@ def _dispatch(rule: str, backend: str, device_type: str) -> Callable:
     return getattr(_backend_module(backend, device_type), rule)
 
 
-def sum_rule(q: Tensor, k: Tensor, v: Tensor, W0: Tensor, reset: Tensor | None = None, *, backend: str = "auto"):
+def sum_rule(
+    q: Tensor, k: Tensor, v: Tensor, W0: Tensor, reset: Tensor | None = None, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """y, W = sum_rule(q [T,B,H,E], k [T,B,H,E], v [T,B,H,M], W0 [B,H,E,M], reset [T,B]); see reference.sum_rule."""
-    T, B, H, E = q.shape
-    M = v.shape[-1]
+    T, B, H, E = _dims("q", q, 4)
+    M = _dims("v", v, 4)[-1]
     _check("k", k, (T, B, H, E)), _check("v", v, (T, B, H, M)), _check("W0", W0, (B, H, E, M))
     _check_reset(reset, T, B)
     return _dispatch("sum_rule", backend, q.device.type)(q, k, v, W0, reset)
@@ -68,19 +76,33 @@ def sum_rule(q: Tensor, k: Tensor, v: Tensor, W0: Tensor, reset: Tensor | None =
 
 def delta_rule(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, W0: Tensor, reset: Tensor | None = None, *, backend: str = "auto"
-):
+) -> tuple[Tensor, Tensor]:
     """y, W = delta_rule(q, k [T,B,H,E], v [T,B,H,M], beta [T,B,H,1], W0 [B,H,E,M], reset); see reference."""
-    T, B, H, E = q.shape
-    M = v.shape[-1]
+    T, B, H, E = _dims("q", q, 4)
+    M = _dims("v", v, 4)[-1]
     _check("k", k, (T, B, H, E)), _check("v", v, (T, B, H, M)), _check("beta", beta, (T, B, H, 1))
     _check("W0", W0, (B, H, E, M)), _check_reset(reset, T, B)
     return _dispatch("delta_rule", backend, q.device.type)(q, k, v, beta, W0, reset)
 
 
-def rdn_rule(qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, reset: Tensor | None = None, *, backend: str = "auto"):
+def rdn_rule(
+    qx: Tensor,
+    kx: Tensor,
+    vx: Tensor,
+    bx: Tensor,
+    Rq: Tensor,
+    Rk: Tensor,
+    Rv: Tensor,
+    rb: Tensor,
+    W0: Tensor,
+    h0: Tensor,
+    reset: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
     """y, W, h = rdn_rule(qx, kx, vx [T,B,H,d], bx [T,B,H,1], Rq, Rk, Rv [H,d,d], rb [H,d], W0 [B,H,d,d],
     h0 [B,H,d], reset); see reference.rdn_rule."""
-    T, B, H, d = qx.shape
+    T, B, H, d = _dims("qx", qx, 4)
     for name, t in (("kx", kx), ("vx", vx)):
         _check(name, t, (T, B, H, d))
     _check("bx", bx, (T, B, H, 1))
@@ -91,18 +113,40 @@ def rdn_rule(qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, reset: Tensor | None = None
     return _dispatch("rdn_rule", backend, qx.device.type)(qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, reset)
 
 
-def delta_rnn_rule(z, kr, vr, br, R0, h0, reset: Tensor | None = None, *, backend: str = "auto"):
-    """y, R, h = delta_rnn_rule(z, kr, vr [T,B,H,d], br [T,B,H,1], R0 [B,H,d,d], h0 [B,H,d], reset)."""
-    T, B, H, d = z.shape
+def delta_rnn_rule(
+    z: Tensor,
+    kr: Tensor,
+    vr: Tensor,
+    br: Tensor,
+    R0: Tensor,
+    h0: Tensor,
+    reset: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y, R, h = delta_rnn_rule(z, kr, vr [T,B,H,d], br [T,B,H,1], R0 [B,H,d,d], h0 [B,H,d], reset); see
+    reference.delta_rnn_rule."""
+    T, B, H, d = _dims("z", z, 4)
     _check("kr", kr, (T, B, H, d)), _check("vr", vr, (T, B, H, d)), _check("br", br, (T, B, H, 1))
     _check("R0", R0, (B, H, d, d)), _check("h0", h0, (B, H, d)), _check_reset(reset, T, B)
     return _dispatch("delta_rnn_rule", backend, z.device.type)(z, kr, vr, br, R0, h0, reset)
 
 
-def delta_lstm_rule(z, kr, vr, br, R0, h0, c0, reset: Tensor | None = None, *, backend: str = "auto"):
+def delta_lstm_rule(
+    z: Tensor,
+    kr: Tensor,
+    vr: Tensor,
+    br: Tensor,
+    R0: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    reset: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, R, h, c = delta_lstm_rule(z, kr, vr [T,B,H,3,d], br [T,B,H,3,1], R0 [B,H,3,d,d], h0, c0 [B,H,d],
     reset); see reference.delta_lstm_rule."""
-    T, B, H, G, d = z.shape
+    T, B, H, _, d = _dims("z", z, 5)
     _check("z", z, (T, B, H, 3, d)), _check("kr", kr, (T, B, H, 3, d)), _check("vr", vr, (T, B, H, 3, d))
     _check("br", br, (T, B, H, 3, 1)), _check("R0", R0, (B, H, 3, d, d))
     _check("h0", h0, (B, H, d)), _check("c0", c0, (B, H, d)), _check_reset(reset, T, B)
