@@ -108,9 +108,13 @@ struct Tile {
       for (int j = 0; j < CPW; ++j)
         if (has_row(r) && has_col(j)) p[row(r) * M + col(j)] = A[r][j];
   }
-  __device__ void rows(Rows& x, const float* p) const {
+  // Zeros instead where `zero` (p is read anyway: a load then a select keeps the register use of the kernels).
+  __device__ void rows(Rows& x, const float* p, bool zero = false) const {
 #pragma unroll
-    for (int r = 0; r < RPL; ++r) x[r] = has_row(r) ? p[row(r)] : 0.f;
+    for (int r = 0; r < RPL; ++r) {
+      const float v = has_row(r) ? p[row(r)] : 0.f;
+      x[r] = zero ? 0.f : v;
+    }
   }
   __device__ void cols(Cols& x, const float* p) const {  // a broadcast load: all lanes read one address
 #pragma unroll
@@ -138,6 +142,14 @@ struct Tile {
       for (int r = 0; r < RPL; ++r) y[j] += A[r][j] * x[r];
     }
     warp_sum<CPW>(y);
+  }
+  // y = A^T x + the columns at p (an input of the step), complete in every lane.
+  __device__ void read_add(const Mat& A, const Rows& x, const float* p, Cols& y) const {
+    Cols z;
+    read(A, x, y);
+    cols(z, p);
+#pragma unroll
+    for (int j = 0; j < CPW; ++j) y[j] += z[j];
   }
   // y[r] (+)= sum over this warp's columns of A[e_r][m_j] x[j]: this warp's share of A x.
   __device__ void apply_part(const Mat& A, const Cols& x, Rows& y, bool accumulate = false) const {
@@ -189,14 +201,21 @@ struct Tile {
 #pragma unroll
     for (int r = 0; r < RPL; ++r) y[r] /= s;
   }
-  // dx = y ⊙ (dy - <dy, y>) over the rows, for y = softmax(x).
-  __device__ void softmax_backward_rows(const Rows& y, const Rows& dy, Rows& dx) const {
+  // y = softmax of the rows at p, or of zeros where `zero` (the recurrent rules' s = softmax(y_{t-1})).
+  __device__ void softmax_of(const float* p, bool zero, Rows& y) const {
+    Rows x;
+    rows(x, p, zero);
+    softmax_rows(x, y);
+  }
+  // dx = y ⊙ (dy - <dy, y>) over the rows, for y = softmax(x); zeros where `zero` (x was replaced by zeros
+  // after a reset, so the state before it gets no gradient).
+  __device__ void softmax_backward_rows(const Rows& y, const Rows& dy, Rows& dx, bool zero = false) const {
     float dot = 0.f;
 #pragma unroll
     for (int r = 0; r < RPL; ++r) dot += dy[r] * y[r];
     dot = warp_sum(dot);
 #pragma unroll
-    for (int r = 0; r < RPL; ++r) dx[r] = y[r] * (dy[r] - dot);
+    for (int r = 0; r < RPL; ++r) dx[r] = zero ? 0.f : y[r] * (dy[r] - dot);
   }
   // Cross-warp sums of row partials in a shared buffer [nwarps][stride]: put() before a barrier, sum() after
   // it, adding the warps in a fixed order.
@@ -257,7 +276,22 @@ struct WriteIn {
   }
 };
 
-// The forward write of a step into W (already reset if the step resets); stores vbar for a delta rule.
+// The delta-rule write of a step: vbar = W^T k (stored), W += k (beta (v - vbar))^T. It computes u as
+// WriteIn::u does, so the backward's replay rebuilds the forward's W bitwise.
+template <int RPL, int CPW>
+__device__ __forceinline__ void write_delta(const Tile<RPL, CPW>& tl, float (&W)[RPL][CPW], const float (&k)[RPL],
+                                            const float (&v)[CPW], float beta, float* vbar_out) {
+  float vbar[CPW], u[CPW];
+  tl.read(W, k, vbar);
+  tl.store_cols(vbar, vbar_out);
+#pragma unroll
+  for (int j = 0; j < CPW; ++j) u[j] = beta * (v[j] - vbar[j]);
+  tl.add_outer(W, k, u);
+}
+
+// The forward write of a step into W (already reset if the step resets); stores vbar for a delta rule. (The
+// steps of write_delta, kept inline here: routing this through write_delta changes the register allocation of
+// the linear kernels.)
 template <int RPL, int CPW>
 __device__ __forceinline__ void write_forward(const Tile<RPL, CPW>& tl, float (&W)[RPL][CPW], const Writes& w,
                                               WriteIn<RPL, CPW>& in, float* vbar_out) {
@@ -323,6 +357,11 @@ __device__ float write_backward(const Tile<RPL, CPW>& tl, float (&W)[RPL][CPW], 
   return db;
 }
 
+// dst[e] = src[e] for e < len, split over the block's threads (no barrier).
+__device__ __forceinline__ void block_copy(float* dst, const float* src, int64_t len) {
+  for (int e = threadIdx.x; e < len; e += blockDim.x) dst[e] = src[e];
+}
+
 inline const char* launch_error() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -358,5 +397,16 @@ void dispatch_recurrent(int64_t d, F&& f) {
 }
 
 inline int warps_for(int64_t M, int cpw) { return int((M + cpw - 1) / cpw); }
+
+// The host side of a recurrent rule's launch (E = M = d): checks d, then calls
+// launch(Int<RPL>, Int<CPW>, shape, warps, stream) with the instantiation that fits d; returns the launch error.
+template <class F>
+const char* launch_recurrent(int64_t T, int64_t B, int64_t H, int64_t d, void* stream, F&& launch) {
+  if (const char* err = check_head_dim(d)) return err;
+  const Shape s{T, B, H, d, d};
+  const auto st = static_cast<cudaStream_t>(stream);
+  dispatch_recurrent(d, [&](auto R, auto C) { launch(R, C, s, warps_for(d, decltype(C)::value), st); });
+  return launch_error();
+}
 
 }  // namespace rfwp

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
   for (int g = 0; g < 3; ++g) tl.load(Rm[g], R0 + (n * 3 + g) * dd);
   tl.cols(c, c0 + n * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) sh_h[e] = h0[n * d + e];
+  block_copy(sh_h, h0 + n * d, d);
   __syncthreads();
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t i = t * N + n;
@@ -37,21 +37,15 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = 0; j < CPW; ++j) c[j] = 0.f;
     }
-    float hp[RPL], sv[RPL], pre[3][CPW], yv[CPW];
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) hp[r] = !rs && tl.has_row(r) ? sh_h[(t & 1) * d + tl.row(r)] : 0.f;
-    tl.softmax_rows(hp, sv);
+    float sv[RPL], pre[3][CPW], yv[CPW];
+    tl.softmax_of(sh_h + (t & 1) * d, rs, sv);
 #pragma unroll
     for (int g = 0; g < 3; ++g) {
       const Writes w = gate_writes(kr, vr, vbar, br, d, g);
       WriteIn<RPL, CPW> in;
-      float zv[CPW];
       in.load(tl, w, i, false);
       write_forward(tl, Rm[g], w, in, vbar + (i * 3 + g) * d);
-      tl.read(Rm[g], sv, pre[g]);
-      tl.cols(zv, z + (i * 3 + g) * d);
-#pragma unroll
-      for (int j = 0; j < CPW; ++j) pre[g][j] += zv[j];
+      tl.read_add(Rm[g], sv, z + (i * 3 + g) * d, pre[g]);
     }
 #pragma unroll
     for (int j = 0; j < CPW; ++j) {
@@ -70,7 +64,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
   for (int g = 0; g < 3; ++g) tl.store(Rm[g], RT + (n * 3 + g) * dd);
   tl.store_cols(c, cT + n * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) hT[n * d + e] = sh_h[(s.T & 1) * d + e];
+  block_copy(hT + n * d, sh_h + (s.T & 1) * d, d);
 }
 
 template <int RPL, int CPW>
@@ -96,11 +90,8 @@ __global__ void __launch_bounds__(256)
   for (int64_t t = s.T - 1; t >= 0; --t) {
     const int64_t i = t * N + n;
     const bool rs = is_reset(reset, s, t, n);
-    float hp[RPL], sv[RPL], gi[CPW], gu[CPW], go[CPW], ct[CPW], cp[CPW], g[CPW], dpre[3][CPW], pds[RPL];
-    tl.rows(hp, t > 0 ? y + (i - N) * d : h0 + n * d);
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) hp[r] = rs ? 0.f : hp[r];
-    tl.softmax_rows(hp, sv);
+    float sv[RPL], gi[CPW], gu[CPW], go[CPW], ct[CPW], cp[CPW], g[CPW], dpre[3][CPW], pds[RPL];
+    tl.softmax_of(t > 0 ? y + (i - N) * d : h0 + n * d, rs, sv);
     tl.cols(gi, gates + (i * 3) * d);
     tl.cols(gu, gates + (i * 3 + 1) * d);
     tl.cols(go, gates + (i * 3 + 2) * d);
@@ -145,9 +136,7 @@ __global__ void __launch_bounds__(256)
       if (threadIdx.x == 0) dbr[i * 3 + gate] = db;
     }
     tl.sum_rows(buf, width, ds);
-    tl.softmax_backward_rows(sv, ds, dn);
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) dn[r] = rs ? 0.f : dn[r];  // the state before a reset gets no gradient
+    tl.softmax_backward_rows(sv, ds, dn, rs);
     tl.rows_to_cols(dn, delta);
   }
 #pragma unroll
@@ -166,16 +155,11 @@ extern "C" const char* rfwp_delta_lstm_forward(int64_t T, int64_t B, int64_t H, 
                                                const float* R0, const float* h0, const float* c0, float* y,
                                                float* RT, float* hT, float* cT, float* vbar, float* gates, float* cs,
                                                void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
-    RFWP_LAUNCH(s.N(), 32 * warps, sizeof(float) * 2 * d, st, dlstm_forward_kernel<RPL, CPW>)(
+  return launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
+    RFWP_LAUNCH(s.N(), 32 * warps, sizeof(float) * 2 * d, st,
+                dlstm_forward_kernel<decltype(R)::value, decltype(C)::value>)(
         s, reset, z, kr, vr, br, R0, h0, c0, y, RT, hT, cT, vbar, gates, cs);
   });
-  return launch_error();
 }
 
 extern "C" const char* rfwp_delta_lstm_backward(int64_t T, int64_t B, int64_t H, int64_t d, const uint8_t* reset,
@@ -185,16 +169,10 @@ extern "C" const char* rfwp_delta_lstm_backward(int64_t T, int64_t B, int64_t H,
                                                 const float* gy, const float* gRT, const float* ghT,
                                                 const float* gcT, float* dz, float* dkr, float* dvr, float* dbr,
                                                 float* dR0, float* dh0, float* dc0, void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
+  return launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
     const size_t smem = sizeof(float) * 2 * warps * (4 * d + 3);
-    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, dlstm_backward_kernel<RPL, CPW>)(
+    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, dlstm_backward_kernel<decltype(R)::value, decltype(C)::value>)(
         s, reset, kr, vr, br, R0, h0, c0, y, RT, vbar, gates, cs, gy, gRT, ghT, gcT, dz, dkr, dvr, dbr, dR0,
         dh0, dc0);
   });
-  return launch_error();
 }

@@ -16,29 +16,24 @@ __global__ void __launch_bounds__(256)
   const Tile<RPL, CPW> tl(d, d);
   float Rm[RPL][CPW];
   tl.load(Rm, R0 + n * d * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) sh_h[e] = h0[n * d + e];
+  block_copy(sh_h, h0 + n * d, d);
   __syncthreads();
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t i = t * N + n;
     const bool rs = is_reset(reset, s, t, n);
     if (rs) tl.zero(Rm);
-    float hp[RPL], sv[RPL], yv[CPW], zv[CPW];
+    float sv[RPL], yv[CPW];
     WriteIn<RPL, CPW> in;
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) hp[r] = !rs && tl.has_row(r) ? sh_h[(t & 1) * d + tl.row(r)] : 0.f;
-    tl.softmax_rows(hp, sv);
+    tl.softmax_of(sh_h + (t & 1) * d, rs, sv);
     in.load(tl, w, i, false);
     write_forward(tl, Rm, w, in, vbar + i * d);
-    tl.read(Rm, sv, yv);
-    tl.cols(zv, z + i * d);
-#pragma unroll
-    for (int j = 0; j < CPW; ++j) yv[j] += zv[j];
+    tl.read_add(Rm, sv, z + i * d, yv);
     tl.store_cols(yv, y + i * d);
     tl.store_cols(yv, sh_h + ((t + 1) & 1) * d);
     __syncthreads();
   }
   tl.store(Rm, RT + n * d * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) hT[n * d + e] = sh_h[(s.T & 1) * d + e];
+  block_copy(hT + n * d, sh_h + (s.T & 1) * d, d);
 }
 
 template <int RPL, int CPW>
@@ -57,16 +52,13 @@ __global__ void __launch_bounds__(256)
   for (int64_t t = s.T - 1; t >= 0; --t) {
     const int64_t i = t * N + n;
     const bool rs = is_reset(reset, s, t, n);
-    float g[CPW], hp[RPL], sv[RPL], pds[RPL], pdk[RPL] = {}, dv[CPW];
+    float g[CPW], sv[RPL], pds[RPL], pdk[RPL] = {}, dv[CPW];
     WriteIn<RPL, CPW> in;
     tl.cols(g, gy + i * d);
 #pragma unroll
     for (int j = 0; j < CPW; ++j) delta[j] += g[j];
     tl.store_cols(delta, dz + i * d);
-    tl.rows(hp, t > 0 ? y + (i - N) * d : h0 + n * d);
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) hp[r] = rs ? 0.f : hp[r];
-    tl.softmax_rows(hp, sv);
+    tl.softmax_of(t > 0 ? y + (i - N) * d : h0 + n * d, rs, sv);
     in.load(tl, w, i, true);
     tl.apply_part(Rm, delta, pds);  // ds = R_t delta
     tl.add_outer(G, sv, delta);     // y_t = R_t^T s_t + z_t
@@ -83,9 +75,7 @@ __global__ void __launch_bounds__(256)
     tl.store_rows(dk, dkr + i * d);
     const float db = tl.sum_scalar(buf + 2 * d, width);
     if (threadIdx.x == 0) dbr[i] = db;
-    tl.softmax_backward_rows(sv, ds, dn);
-#pragma unroll
-    for (int r = 0; r < RPL; ++r) dn[r] = rs ? 0.f : dn[r];  // the state before a reset gets no gradient
+    tl.softmax_backward_rows(sv, ds, dn, rs);
     tl.rows_to_cols(dn, delta);
   }
   tl.store(G, dR0 + n * dd);
@@ -101,17 +91,11 @@ extern "C" const char* rfwp_delta_rnn_forward(int64_t T, int64_t B, int64_t H, i
                                               const float* z, const float* kr, const float* vr, const float* br,
                                               const float* R0, const float* h0, float* y, float* RT, float* hT,
                                               float* vbar, void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
-  const auto st = static_cast<cudaStream_t>(stream);
   const Writes w{kr, vr, vbar, br, d, d, 0, 1, 0};
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
-    RFWP_LAUNCH(s.N(), 32 * warps, sizeof(float) * 2 * d, st, drnn_forward_kernel<RPL, CPW>)(
-        s, reset, z, w, R0, h0, y, RT, hT, vbar);
+  return launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
+    RFWP_LAUNCH(s.N(), 32 * warps, sizeof(float) * 2 * d, st,
+                drnn_forward_kernel<decltype(R)::value, decltype(C)::value>)(s, reset, z, w, R0, h0, y, RT, hT, vbar);
   });
-  return launch_error();
 }
 
 extern "C" const char* rfwp_delta_rnn_backward(int64_t T, int64_t B, int64_t H, int64_t d, const uint8_t* reset,
@@ -120,16 +104,10 @@ extern "C" const char* rfwp_delta_rnn_backward(int64_t T, int64_t B, int64_t H, 
                                                const float* gy, const float* gRT, const float* ghT, float* dz,
                                                float* dkr, float* dvr, float* dbr, float* dR0, float* dh0,
                                                void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
-  const auto st = static_cast<cudaStream_t>(stream);
   const Writes w{kr, vr, vbar, br, d, d, 0, 1, 0};
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
+  return launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
     const size_t smem = sizeof(float) * 2 * warps * (2 * d + 1);
-    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, drnn_backward_kernel<RPL, CPW>)(
+    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, drnn_backward_kernel<decltype(R)::value, decltype(C)::value>)(
         s, reset, w, R0, h0, y, RT, gy, gRT, ghT, dz, dkr, dvr, dbr, dR0, dh0);
   });
-  return launch_error();
 }

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(256)
   tl.load(Ak, Rk + head * d * d);
   tl.load(Av, Rv + head * d * d);
   tl.rows(rbv, rb + head * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) sh_h[e] = h0[n * d + e];
+  block_copy(sh_h, h0 + n * d, d);
   __syncthreads();
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t i = t * N + n;
@@ -79,12 +79,8 @@ __global__ void __launch_bounds__(256)
     tl.store_rows(kv, ks + i * d);
     tl.store_cols(vv, vs + i * d);
     if (threadIdx.x == 0) betas[i] = beta;
-    float vb[CPW], u[CPW], yv[CPW];
-    tl.read(W, kv, vb);
-    tl.store_cols(vb, vbar + i * d);
-#pragma unroll
-    for (int j = 0; j < CPW; ++j) u[j] = beta * (vv[j] - vb[j]);  // as WriteIn::u computes it in the replay
-    tl.add_outer(W, kv, u);
+    float yv[CPW];
+    write_delta(tl, W, kv, vv, beta, vbar + i * d);  // as the backward's replay repeats it
     tl.read(W, qv, yv);
     tl.store_cols(yv, y + i * d);
     if (tl.lane == 0) {
@@ -95,7 +91,7 @@ __global__ void __launch_bounds__(256)
     __syncthreads();
   }
   tl.store(W, WT + n * d * d);
-  for (int e = threadIdx.x; e < d; e += blockDim.x) hT[n * d + e] = sh_h[e];
+  block_copy(hT + n * d, sh_h, d);
 }
 
 template <int RPL, int CPW>
@@ -125,15 +121,15 @@ __global__ void __launch_bounds__(256)
   for (int64_t t = s.T - 1; t >= 0; --t) {
     const int64_t i = t * N + n;
     const bool rs = is_reset(reset, s, t, n);
-    float g[CPW], hp[RPL], a[RPL], qv[RPL], pdq[RPL], pdk[RPL] = {}, dv[CPW];
+    float g[CPW], a[RPL], qv[RPL], pdq[RPL], pdk[RPL] = {}, dv[CPW];
     WriteIn<RPL, CPW> in;  // k, v, vbar, beta of the step (after the activations)
     in.load(tl, w, i, true);
     tl.cols(g, gy + i * d);
 #pragma unroll
     for (int j = 0; j < CPW; ++j) delta[j] += g[j];
-    tl.rows(hp, t > 0 ? y + (i - N) * d : h0 + n * d);
+    tl.rows(a, t > 0 ? y + (i - N) * d : h0 + n * d, rs);
 #pragma unroll
-    for (int r = 0; r < RPL; ++r) a[r] = rs ? 0.f : tanhf(hp[r]);
+    for (int r = 0; r < RPL; ++r) a[r] = tanhf(a[r]);
     tl.rows(qv, qs + i * d);
     tl.apply_part(W, delta, pdq);  // dq = W_t delta
     tl.add_outer(G, qv, delta);
@@ -204,17 +200,11 @@ extern "C" const char* rfwp_rdn_forward(int64_t T, int64_t B, int64_t H, int64_t
                                         const float* Rq, const float* Rk, const float* Rv, const float* rb,
                                         const float* W0, const float* h0, float* y, float* WT, float* hT, float* qs,
                                         float* ks, float* vs, float* vbar, float* betas, void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
+  return launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
     const size_t smem = sizeof(float) * (3 * d + 4 * warps);
-    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, rdn_forward_kernel<RPL, CPW>)(
+    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, rdn_forward_kernel<decltype(R)::value, decltype(C)::value>)(
         s, reset, qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, y, WT, hT, qs, ks, vs, vbar, betas);
   });
-  return launch_error();
 }
 
 extern "C" const char* rfwp_rdn_backward(int64_t T, int64_t B, int64_t H, int64_t d, const uint8_t* reset,
@@ -225,18 +215,15 @@ extern "C" const char* rfwp_rdn_backward(int64_t T, int64_t B, int64_t H, int64_
                                          float* dqx, float* dkx, float* dvx, float* dbx, float* dRq, float* dRk,
                                          float* dRv, float* drb, float* dW0, float* dh0, float* dR_part,
                                          float* drb_part, void* stream) {
-  if (const char* err = check_head_dim(d)) return err;
-  const Shape s{T, B, H, d, d};
+  const char* err =
+      launch_recurrent(T, B, H, d, stream, [&](auto R, auto C, const Shape& s, int warps, cudaStream_t st) {
+        const size_t smem = sizeof(float) * warps * (3 * d + 1);
+        RFWP_LAUNCH(s.N(), 32 * warps, smem, st, rdn_backward_kernel<decltype(R)::value, decltype(C)::value>)(
+            s, reset, Rq, Rk, Rv, rb, W0, h0, y, WT, qs, ks, vs, vbar, betas, gy, gWT, ghT, dqx, dkx, dvx, dbx, dW0,
+            dh0, dR_part, drb_part);
+      });
+  if (err != nullptr) return err;
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_recurrent(d, [&](auto R, auto C) {
-    constexpr int RPL = decltype(R)::value, CPW = decltype(C)::value;
-    const int warps = warps_for(d, CPW);
-    const size_t smem = sizeof(float) * warps * (3 * d + 1);
-    RFWP_LAUNCH(s.N(), 32 * warps, smem, st, rdn_backward_kernel<RPL, CPW>)(
-        s, reset, Rq, Rk, Rv, rb, W0, h0, y, WT, qs, ks, vs, vbar, betas, gy, gWT, ghT, dqx, dkx, dvx, dbx, dW0, dh0,
-        dR_part, drb_part);
-  });
-  if (const char* err = launch_error()) return err;
   const int64_t Hdd = H * d * d;  // dR_part is [3][B][H][d][d]
   sum_over_batch(dR_part, dRq, B, Hdd, st);
   sum_over_batch(dR_part + B * Hdd, dRk, B, Hdd, st);
