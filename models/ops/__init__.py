@@ -54,7 +54,10 @@ def _dims(name: str, t: Tensor, n: int) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_reset(reset: Tensor | None, T: int, B: int) -> None:
+def _check_shapes(reset: Tensor | None, T: int, B: int, **expected: tuple[Tensor, tuple[int, ...]]) -> None:
+    """Check every `name=(tensor, shape)` of `expected`, and `reset` against [T, B]."""
+    for name, (t, shape) in expected.items():
+        _check(name, t, shape)
     if reset is not None:
         _check("reset", reset, (T, B))
 
@@ -69,8 +72,7 @@ def sum_rule(
     """y, W = sum_rule(q [T,B,H,E], k [T,B,H,E], v [T,B,H,M], W0 [B,H,E,M], reset [T,B]); see reference.sum_rule."""
     T, B, H, E = _dims("q", q, 4)
     M = _dims("v", v, 4)[-1]
-    _check("k", k, (T, B, H, E)), _check("v", v, (T, B, H, M)), _check("W0", W0, (B, H, E, M))
-    _check_reset(reset, T, B)
+    _check_shapes(reset, T, B, k=(k, (T, B, H, E)), v=(v, (T, B, H, M)), W0=(W0, (B, H, E, M)))
     return _dispatch("sum_rule", backend, q.device.type)(q, k, v, W0, reset)
 
 
@@ -80,8 +82,9 @@ def delta_rule(
     """y, W = delta_rule(q, k [T,B,H,E], v [T,B,H,M], beta [T,B,H,1], W0 [B,H,E,M], reset); see reference."""
     T, B, H, E = _dims("q", q, 4)
     M = _dims("v", v, 4)[-1]
-    _check("k", k, (T, B, H, E)), _check("v", v, (T, B, H, M)), _check("beta", beta, (T, B, H, 1))
-    _check("W0", W0, (B, H, E, M)), _check_reset(reset, T, B)
+    _check_shapes(
+        reset, T, B, k=(k, (T, B, H, E)), v=(v, (T, B, H, M)), beta=(beta, (T, B, H, 1)), W0=(W0, (B, H, E, M))
+    )
     return _dispatch("delta_rule", backend, q.device.type)(q, k, v, beta, W0, reset)
 
 
@@ -103,13 +106,10 @@ def rdn_rule(
     """y, W, h = rdn_rule(qx, kx, vx [T,B,H,d], bx [T,B,H,1], Rq, Rk, Rv [H,d,d], rb [H,d], W0 [B,H,d,d],
     h0 [B,H,d], reset); see reference.rdn_rule."""
     T, B, H, d = _dims("qx", qx, 4)
-    for name, t in (("kx", kx), ("vx", vx)):
-        _check(name, t, (T, B, H, d))
-    _check("bx", bx, (T, B, H, 1))
-    for name, t in (("Rq", Rq), ("Rk", Rk), ("Rv", Rv)):
-        _check(name, t, (H, d, d))
-    _check("rb", rb, (H, d)), _check("W0", W0, (B, H, d, d)), _check("h0", h0, (B, H, d))
-    _check_reset(reset, T, B)
+    _check_shapes(
+        reset, T, B, kx=(kx, (T, B, H, d)), vx=(vx, (T, B, H, d)), bx=(bx, (T, B, H, 1)), Rq=(Rq, (H, d, d)),
+        Rk=(Rk, (H, d, d)), Rv=(Rv, (H, d, d)), rb=(rb, (H, d)), W0=(W0, (B, H, d, d)), h0=(h0, (B, H, d)),
+    )
     return _dispatch("rdn_rule", backend, qx.device.type)(qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, reset)
 
 
@@ -127,8 +127,10 @@ def delta_rnn_rule(
     """y, R, h = delta_rnn_rule(z, kr, vr [T,B,H,d], br [T,B,H,1], R0 [B,H,d,d], h0 [B,H,d], reset); see
     reference.delta_rnn_rule."""
     T, B, H, d = _dims("z", z, 4)
-    _check("kr", kr, (T, B, H, d)), _check("vr", vr, (T, B, H, d)), _check("br", br, (T, B, H, 1))
-    _check("R0", R0, (B, H, d, d)), _check("h0", h0, (B, H, d)), _check_reset(reset, T, B)
+    _check_shapes(
+        reset, T, B, kr=(kr, (T, B, H, d)), vr=(vr, (T, B, H, d)), br=(br, (T, B, H, 1)), R0=(R0, (B, H, d, d)),
+        h0=(h0, (B, H, d)),
+    )
     return _dispatch("delta_rnn_rule", backend, z.device.type)(z, kr, vr, br, R0, h0, reset)
 
 
@@ -147,7 +149,8 @@ def delta_lstm_rule(
     """y, R, h, c = delta_lstm_rule(z, kr, vr [T,B,H,3,d], br [T,B,H,3,1], R0 [B,H,3,d,d], h0, c0 [B,H,d],
     reset); see reference.delta_lstm_rule."""
     T, B, H, _, d = _dims("z", z, 5)
-    _check("z", z, (T, B, H, 3, d)), _check("kr", kr, (T, B, H, 3, d)), _check("vr", vr, (T, B, H, 3, d))
-    _check("br", br, (T, B, H, 3, 1)), _check("R0", R0, (B, H, 3, d, d))
-    _check("h0", h0, (B, H, d)), _check("c0", c0, (B, H, d)), _check_reset(reset, T, B)
+    _check_shapes(
+        reset, T, B, z=(z, (T, B, H, 3, d)), kr=(kr, (T, B, H, 3, d)), vr=(vr, (T, B, H, 3, d)),
+        br=(br, (T, B, H, 3, 1)), R0=(R0, (B, H, 3, d, d)), h0=(h0, (B, H, d)), c0=(c0, (B, H, d)),
+    )
     return _dispatch("delta_lstm_rule", backend, z.device.type)(z, kr, vr, br, R0, h0, c0, reset)
