@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../binding.h"
@@ -80,12 +81,66 @@ void add_outer(S* __restrict__ W, const S* __restrict__ a, const S* __restrict__
   }
 }
 
+// exp over an array. float: a Cody-Waite range reduction and a polynomial (about 1 ulp, the Cephes expf
+// coefficients) inlined as plain arithmetic instead of a libm call per element; double keeps std::exp (the
+// float64 tests compare to rounding). GCC 12 at -O3 does not vectorize this loop (the clamp's float
+// compares under -ftrapping-math); it is faster than std::exp even so.
+inline void exp_array(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::min(std::max(x[i], -87.3f), 88.3f);
+    const float k = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(v / ln 2)
+    const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    x[i] = p * scale;
+  }
+}
+inline void exp_array(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 template <class S>
 void softmax(const S* x, S* y, int64_t d) {
-  const S mx = *std::max_element(x, x + d);
+  S mx = x[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < d; ++i) mx = std::max(mx, x[i]);
+  for (int64_t i = 0; i < d; ++i) y[i] = x[i] - mx;
+  exp_array(y, d);
   S sum = 0;
-  for (int64_t i = 0; i < d; ++i) sum += (y[i] = std::exp(x[i] - mx));
+  for (int64_t i = 0; i < d; ++i) sum += y[i];
   for (int64_t i = 0; i < d; ++i) y[i] /= sum;
+}
+
+// y = sigmoid(x) and a = tanh(x) over arrays (x may be y / a), through exp_array.
+template <class S>
+void sigmoid_array(const S* x, S* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = -x[i];
+  exp_array(y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] = S(1) / (S(1) + y[i]);
+}
+inline void tanh_array(const double* x, double* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = std::tanh(x[i]);
+}
+// float: (1 - e) / (1 + e) with e = exp(-2|x|), and the odd Taylor series below |x| = 1/8 (where 1 - e cancels).
+inline void tanh_array(const float* x, float* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = -2.f * std::fabs(x[i]);
+  exp_array(a, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i], e = a[i], v2 = v * v;
+    const float big = std::copysign((1.f - e) / (1.f + e), v);
+    const float small = v + v * v2 * (-1.f / 3 + v2 * (2.f / 15 + v2 * (-17.f / 315 + v2 * (62.f / 2835))));
+    a[i] = std::fabs(v) < 0.125f ? small : big;
+  }
 }
 
 // dx = y ⊙ (dy - <dy, y>): the softmax Jacobian applied to dy, where y = softmax(x).
@@ -132,12 +187,43 @@ struct Writes {
   }
 };
 
-// The write of step t into W (W already reset if step t resets). Stores vbar_t for a delta rule.
+// One forward step on one fast-weight matrix in (at most) two passes over it: vbar_t = Wsrc^T k_t (delta rule),
+// then Wout = Wsrc + k_t u_t^T and y = Wout^T q_t together, each row of Wout read into y as it is written.
+// Wsrc is the state before step t: the input state (so the output is written once, no copy first), Wout itself
+// (in place, later steps), or nullptr (the zero state after a reset). Wout rows equal the replay's add_outer
+// bitwise, and y accumulates over e in read()'s order.
 template <class S>
-void write(S* W, int64_t t, int64_t n, const Writes<S>& w, S* vbar_out, S* u) {
-  if (!w.is_sum()) read(W, w.k.at(t, n), vbar_out, w.E, w.M);
+void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes<S>& w, S* vbar_out, S* u, const S* q, S* y) {
+  const int64_t E = w.E, M = w.M;
+  const S* k = w.k.at(t, n);
+  if (!w.is_sum()) {
+    if (Wsrc != nullptr)
+      read(Wsrc, k, vbar_out, E, M);
+    else
+      std::fill(vbar_out, vbar_out + M, S(0));
+  }
   w.u(t, n, u);
-  add_outer(W, w.k.at(t, n), u, w.E, w.M);
+  std::fill(y, y + M, S(0));
+  for (int64_t e = 0; e < E; ++e) {
+    const S ke = k[e], qe = q[e];
+    S* wo = Wout + e * M;
+    if (Wsrc != nullptr) {
+      const S* ws = Wsrc + e * M;
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) {
+        const S x = ws[m] + ke * u[m];
+        wo[m] = x;
+        y[m] += qe * x;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) {
+        const S x = S(0) + ke * u[m];
+        wo[m] = x;
+        y[m] += qe * x;
+      }
+    }
+  }
 }
 
 // W <- the state right after step t, replayed from the start of its segment: from zero after a reset, from W0
@@ -207,11 +293,10 @@ void linear_forward_loop(const Dims& d, const Resets& R, const S* q, const Write
   for_chains(N, d.T * E * M * 3, [&](int64_t n) {
     S* W = WT + n * E * M;  // the state evolves in the output buffer
     std::vector<S> u(M);
-    std::copy(W0 + n * E * M, W0 + (n + 1) * E * M, W);
     for (int64_t t = 0; t < d.T; ++t) {
-      if (R.at(t, n)) std::fill(W, W + E * M, S(0));
-      write(W, t, n, w, vbar ? vbar + (t * N + n) * M : nullptr, u.data());
-      read(W, q + (t * N + n) * E, y + (t * N + n) * M, E, M);
+      const S* src = R.at(t, n) ? nullptr : t == 0 ? W0 + n * E * M : W;
+      step(src, W, t, n, w, vbar ? vbar + (t * N + n) * M : nullptr, u.data(), q + (t * N + n) * E,
+           y + (t * N + n) * M);
     }
   });
 }
@@ -253,34 +338,41 @@ void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, 
                  S* ks, S* vs, S* vbar, S* betas) {
   const int64_t d = D.E, N = D.N();
   const Writes<S> w{{ks, N, d, 0}, {vs, N, d, 0}, {vbar, N, d, 0}, {betas, N, 1, 0}, d, d};
-  for_chains(N, D.T * d * d * 6, [&](int64_t n) {
+  // Head-major chain order (n = b*H + h for j = h*B + b): consecutive chains share Rq, Rk, Rv, which stay in
+  // cache while the fast weights stream.
+  for_chains(N, D.T * d * d * 6, [&](int64_t j) {
+    const int64_t n = (j % D.B) * D.H + j / D.B;
     const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
     S *W = WT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
-    std::copy(W0 + n * d * d, W0 + (n + 1) * d * d, W);
     std::copy(h0 + n * d, h0 + (n + 1) * d, h);
     std::vector<S> a(d), lq(d), lk(d), u(d);
     for (int64_t t = 0; t < D.T; ++t) {
       const int64_t i = t * N + n;
-      if (R.at(t, n)) {
-        std::fill(W, W + d * d, S(0));
-        std::fill(h, h + d, S(0));
-      }
-      for (int64_t e = 0; e < d; ++e) a[e] = std::tanh(h[e]);
-      read(P.Rq, a.data(), lq.data(), d, d);
-      read(P.Rk, a.data(), lk.data(), d, d);
-      read(P.Rv, a.data(), vs + i * d, d, d);
+      const bool reset = R.at(t, n);
+      if (reset) std::fill(h, h + d, S(0));
+      tanh_array(h, a.data(), d);
+      S* lv = vs + i * d;
+      std::copy(qx + i * d, qx + (i + 1) * d, lq.data());
+      std::copy(kx + i * d, kx + (i + 1) * d, lk.data());
+      std::copy(vx + i * d, vx + (i + 1) * d, lv);
       S bl = bx[i];
-      for (int64_t e = 0; e < d; ++e) {
-        lq[e] += qx[i * d + e];
-        lk[e] += kx[i * d + e];
-        vs[i * d + e] += vx[i * d + e];
-        bl += a[e] * P.rb[e];
+      for (int64_t e = 0; e < d; ++e) {  // l += R^T a for Rq, Rk, Rv in one pass
+        const S ae = a[e];
+        const S *rq = P.Rq + e * d, *rk = P.Rk + e * d, *rv = P.Rv + e * d;
+        S *pq = lq.data(), *pk = lk.data();
+#pragma omp simd
+        for (int64_t m = 0; m < d; ++m) {
+          pq[m] += ae * rq[m];
+          pk[m] += ae * rk[m];
+          lv[m] += ae * rv[m];
+        }
+        bl += ae * P.rb[e];
       }
       softmax(lq.data(), qs + i * d, d);
       softmax(lk.data(), ks + i * d, d);
       betas[i] = sigmoid(bl);
-      write(W, t, n, w, vbar + i * d, u.data());
-      read(W, qs + i * d, y + i * d, d, d);
+      const S* src = reset ? nullptr : t == 0 ? W0 + n * d * d : W;
+      step(src, W, t, n, w, vbar + i * d, u.data(), qs + i * d, y + i * d);
       std::copy(y + i * d, y + (i + 1) * d, h);
     }
   });
@@ -356,18 +448,14 @@ void drnn_forward_loop(const Dims& D, const Resets& R, const S* z, const Writes<
   const int64_t d = D.E, N = D.N();
   for_chains(N, D.T * d * d * 4, [&](int64_t n) {
     S *Rm = RT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
-    std::copy(R0 + n * d * d, R0 + (n + 1) * d * d, Rm);
     std::copy(h0 + n * d, h0 + (n + 1) * d, h);
     std::vector<S> s(d), u(d);
     for (int64_t t = 0; t < D.T; ++t) {
       const int64_t i = t * N + n;
-      if (R.at(t, n)) {
-        std::fill(Rm, Rm + d * d, S(0));
-        std::fill(h, h + d, S(0));
-      }
+      const bool reset = R.at(t, n);
+      if (reset) std::fill(h, h + d, S(0));
       softmax(h, s.data(), d);
-      write(Rm, t, n, w, vbar + i * d, u.data());
-      read(Rm, s.data(), h, d, d);
+      step(reset ? nullptr : t == 0 ? R0 + n * d * d : Rm, Rm, t, n, w, vbar + i * d, u.data(), s.data(), h);
       for (int64_t m = 0; m < d; ++m) y[i * d + m] = (h[m] += z[i * d + m]);
     }
   });
@@ -416,27 +504,28 @@ void dlstm_forward_loop(const Dims& D, const Resets& R, const S* z, const S* kr,
   const auto w = lstm_writes(kr, vr, br, vbar, N, d);
   for_chains(N, D.T * dd * 12, [&](int64_t n) {
     S *Rm = RT + n * 3 * dd, *h = hT + n * d, *c = cT + n * d;  // the state evolves in the output buffers
-    std::copy(R0 + n * 3 * dd, R0 + (n + 1) * 3 * dd, Rm);
     std::copy(h0 + n * d, h0 + (n + 1) * d, h);
     std::copy(c0 + n * d, c0 + (n + 1) * d, c);
     std::vector<S> s(d), u(d), pre(3 * d);
     for (int64_t t = 0; t < D.T; ++t) {
       const int64_t i = t * N + n;
-      if (R.at(t, n)) {
-        std::fill(Rm, Rm + 3 * dd, S(0));
+      const bool reset = R.at(t, n);
+      if (reset) {
         std::fill(h, h + d, S(0));
         std::fill(c, c + d, S(0));
       }
       softmax(h, s.data(), d);
-      for (int64_t g = 0; g < 3; ++g) {
-        write(Rm + g * dd, t, n, w[g], vbar + (i * 3 + g) * d, u.data());
-        read(Rm + g * dd, s.data(), pre.data() + g * d, d, d);
-      }
+      const S* src = reset ? nullptr : t == 0 ? R0 + n * 3 * dd : Rm;
+      for (int64_t g = 0; g < 3; ++g)
+        step(src ? src + g * dd : nullptr, Rm + g * dd, t, n, w[g], vbar + (i * 3 + g) * d, u.data(), s.data(),
+             pre.data() + g * d);
       S* gt = gates + i * 3 * d;
+      const S* zt = z + i * 3 * d;
+      for (int64_t m = 0; m < 3 * d; ++m) gt[m] = pre[m] + zt[m];
+      sigmoid_array(gt, gt, d);                  // input gate
+      sigmoid_array(gt + 2 * d, gt + 2 * d, d);  // output gate
       for (int64_t m = 0; m < d; ++m) {
-        const S* zt = z + i * 3 * d;
-        const S ig = sigmoid(pre[m] + zt[m]), ug = pre[d + m] + zt[d + m], og = sigmoid(pre[2 * d + m] + zt[2 * d + m]);
-        gt[m] = ig, gt[d + m] = ug, gt[2 * d + m] = og;
+        const S ig = gt[m], ug = gt[d + m], og = gt[2 * d + m];
         c[m] = ig * ug + (S(1) - ig) * c[m];
         h[m] = og * c[m];
         cs[i * d + m] = c[m];
