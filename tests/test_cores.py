@@ -29,6 +29,12 @@ def random_state(core, seed: int = 2):
     return tuple(s.detach() for s in state)
 
 
+def differentiable_inputs(core):
+    """Inputs and a carried state that both require gradients, to check where gradients reach."""
+    x, _ = inputs()
+    return x.requires_grad_(), tuple(s.requires_grad_() for s in random_state(core))
+
+
 def assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -58,9 +64,7 @@ def test_continuity_whole_split_and_single_steps(name):
 @pytest.mark.parametrize("name", RECURRENT_CORES)
 def test_reset_restarts_the_sample_and_cuts_the_gradient(name):
     core = small_core(name)
-    x, _ = inputs()
-    x.requires_grad_()
-    state0 = tuple(s.requires_grad_() for s in random_state(core))
+    x, state0 = differentiable_inputs(core)
     t0 = 4
     reset = torch.zeros(T, B, dtype=torch.bool)
     reset[t0, 1] = True
@@ -81,9 +85,7 @@ def test_reset_restarts_the_sample_and_cuts_the_gradient(name):
 @pytest.mark.parametrize("name", RECURRENT_CORES)
 def test_gradient_flows_through_the_whole_unroll_and_into_the_state(name):
     core = small_core(name)
-    x, _ = inputs()
-    x.requires_grad_()
-    state0 = tuple(s.requires_grad_() for s in random_state(core))
+    x, state0 = differentiable_inputs(core)
     y, _ = core(x, state0, None)
     grads = torch.autograd.grad(y[-1].sum(), (x, *state0))
     assert grads[0][0].abs().sum() > 0, "the last output must depend on the first input"
