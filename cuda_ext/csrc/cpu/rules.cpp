@@ -17,6 +17,10 @@
 
 #include "../binding.h"
 
+// The per-row helpers are forced inline so that, under with_dims below, they see the head size as a constant.
+#define RFWP_INLINE inline __attribute__((always_inline))
+#define RFWP_INLINE_LAMBDA __attribute__((always_inline))
+
 namespace rfwp {
 namespace {
 
@@ -43,22 +47,69 @@ struct Seq {
 
 // The helpers' arguments never overlap (__restrict__), so the inner loops vectorize without alias checks.
 
-// y[m] = sum_e W[e][m] x[e]  (W^T x: a read)
+// Passes over the rows of a matrix that make one sum per column (W^T x) keep the sums of a block of columns
+// in vector registers for the whole pass: GCC/Clang vector types as wide as the machine's registers (32 bytes
+// with AVX, else 16), loaded and stored unaligned through memcpy. Blocks of four vectors give the FMA unit
+// four independent chains; leftover columns go one vector, then one column, at a time.
+#ifdef __AVX__
+constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
 template <class S>
-void read(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M) {
-  std::fill(y, y + M, S(0));
-  for (int64_t e = 0; e < E; ++e) {
-    const S xe = x[e];
-    const S* __restrict__ w = W + e * M;
-#pragma omp simd
-    for (int64_t m = 0; m < M; ++m) y[m] += xe * w[m];
-  }
+struct VectorOf {
+  typedef S type __attribute__((vector_size(kVectorBytes)));
+};
+template <class S>
+using Vec = typename VectorOf<S>::type;
+template <class S>
+constexpr int64_t kLanes = kVectorBytes / sizeof(S);
+
+template <class S>
+RFWP_INLINE Vec<S> load(const S* p) {
+  Vec<S> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class S>
+RFWP_INLINE void store(S* p, Vec<S> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// vectors(m0, K) for blocks of K = 4, then K = 1 vectors starting at column m0; column(m) for the rest.
+template <class S, class FV, class FS>
+RFWP_INLINE void column_blocks(int64_t M, FV&& vectors, FS&& column) {
+  constexpr int64_t L = kLanes<S>;
+  int64_t m0 = 0;
+  for (; m0 + 4 * L <= M; m0 += 4 * L) vectors(m0, std::integral_constant<int64_t, 4>{});
+  for (; m0 + L <= M; m0 += L) vectors(m0, std::integral_constant<int64_t, 1>{});
+  for (; m0 < M; ++m0) column(m0);
+}
+
+// y[m] = sum_e W[e][m] x[e]  (W^T x: a read), summed over e in order.
+template <class S>
+RFWP_INLINE void read(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M) {
+  constexpr int64_t L = kLanes<S>;
+  column_blocks<S>(
+      M,
+      [&](int64_t m0, auto vectors) RFWP_INLINE_LAMBDA {
+        constexpr int64_t K = decltype(vectors)::value;
+        Vec<S> sum[K] = {};
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t j = 0; j < K; ++j) sum[j] += x[e] * load(W + e * M + m0 + j * L);
+        for (int64_t j = 0; j < K; ++j) store(y + m0 + j * L, sum[j]);
+      },
+      [&](int64_t m) RFWP_INLINE_LAMBDA {
+        S sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += x[e] * W[e * M + m];
+        y[m] = sum;
+      });
 }
 
 // y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). `omp simd` lets the
 // compiler split the sum into vector lanes (an order fixed at compile time, so results stay reproducible).
 template <class S>
-void apply(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M,
+RFWP_INLINE void apply(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M,
            bool accumulate = false) {
   for (int64_t e = 0; e < E; ++e) {
     const S* w = W + e * M;
@@ -71,7 +122,7 @@ void apply(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, 
 
 // W += a b^T (sign = 1) or W -= a b^T (sign = -1)
 template <class S>
-void add_outer(S* __restrict__ W, const S* __restrict__ a, const S* __restrict__ b, int64_t E, int64_t M,
+RFWP_INLINE void add_outer(S* __restrict__ W, const S* __restrict__ a, const S* __restrict__ b, int64_t E, int64_t M,
                S sign = S(1)) {
   for (int64_t e = 0; e < E; ++e) {
     const S ae = sign * a[e];
@@ -83,12 +134,12 @@ void add_outer(S* __restrict__ W, const S* __restrict__ a, const S* __restrict__
 
 // exp over an array. float: a Cody-Waite range reduction and a polynomial (about 1 ulp, the Cephes expf
 // coefficients) inlined as plain arithmetic instead of a libm call per element; double keeps std::exp (the
-// float64 tests compare to rounding). GCC 12 at -O3 does not vectorize this loop (the clamp's float
-// compares under -ftrapping-math); it is faster than std::exp even so.
-inline void exp_array(float* x, int64_t n) {
+// float64 tests compare to rounding). The loop vectorizes only with -fno-trapping-math (loader.py), which lets
+// the clamp's compares become vector selects.
+RFWP_INLINE void exp_array(float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float v = std::min(std::max(x[i], -87.3f), 88.3f);
+    const float v = x[i] < -87.3f ? -87.3f : x[i] > 88.3f ? 88.3f : x[i];  // (std::min/max would not vectorize)
     const float k = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(v / ln 2)
     const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -109,20 +160,21 @@ inline void exp_array(double* x, int64_t n) {
 }
 
 template <class S>
-void softmax(const S* x, S* y, int64_t d) {
+RFWP_INLINE void softmax(const S* x, S* y, int64_t d) {
   S mx = x[0];
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < d; ++i) mx = std::max(mx, x[i]);
   for (int64_t i = 0; i < d; ++i) y[i] = x[i] - mx;
   exp_array(y, d);
   S sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < d; ++i) sum += y[i];
   for (int64_t i = 0; i < d; ++i) y[i] /= sum;
 }
 
 // y = sigmoid(x) and a = tanh(x) over arrays (x may be y / a), through exp_array.
 template <class S>
-void sigmoid_array(const S* x, S* y, int64_t n) {
+RFWP_INLINE void sigmoid_array(const S* x, S* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = -x[i];
   exp_array(y, n);
   for (int64_t i = 0; i < n; ++i) y[i] = S(1) / (S(1) + y[i]);
@@ -131,7 +183,7 @@ inline void tanh_array(const double* x, double* a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = std::tanh(x[i]);
 }
 // float: (1 - e) / (1 + e) with e = exp(-2|x|), and the odd Taylor series below |x| = 1/8 (where 1 - e cancels).
-inline void tanh_array(const float* x, float* a, int64_t n) {
+RFWP_INLINE void tanh_array(const float* x, float* a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = -2.f * std::fabs(x[i]);
   exp_array(a, n);
 #pragma omp simd
@@ -145,7 +197,7 @@ inline void tanh_array(const float* x, float* a, int64_t n) {
 
 // dx = y ⊙ (dy - <dy, y>): the softmax Jacobian applied to dy, where y = softmax(x).
 template <class S>
-void softmax_backward(const S* y, const S* dy, S* dx, int64_t d) {
+RFWP_INLINE void softmax_backward(const S* y, const S* dy, S* dx, int64_t d) {
   S dot = 0;
 #pragma omp simd reduction(+ : dot)
   for (int64_t i = 0; i < d; ++i) dot += dy[i] * y[i];
@@ -175,7 +227,8 @@ struct Writes {
   Seq<const S> k, v, vbar, beta;
   int64_t E, M;
   bool is_sum() const { return vbar.p == nullptr; }
-  void u(int64_t t, int64_t n, S* out) const {
+  // M: the value size, passed by callers that know it at compile time.
+  RFWP_INLINE void u(int64_t t, int64_t n, S* out, int64_t M) const {
     const S* vt = v.at(t, n);
     if (is_sum()) {
       std::copy(vt, vt + M, out);
@@ -188,13 +241,13 @@ struct Writes {
 };
 
 // One forward step on one fast-weight matrix in (at most) two passes over it: vbar_t = Wsrc^T k_t (delta rule),
-// then Wout = Wsrc + k_t u_t^T and y = Wout^T q_t together, each row of Wout read into y as it is written.
+// then Wout = Wsrc + k_t u_t^T and y = Wout^T q_t together, each element of Wout read into y as it is written.
 // Wsrc is the state before step t: the input state (so the output is written once, no copy first), Wout itself
 // (in place, later steps), or nullptr (the zero state after a reset). Wout rows equal the replay's add_outer
 // bitwise, and y accumulates over e in read()'s order.
 template <class S>
-void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes<S>& w, S* vbar_out, S* u, const S* q, S* y) {
-  const int64_t E = w.E, M = w.M;
+RFWP_INLINE void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes<S>& w, int64_t E, int64_t M,
+                      S* vbar_out, S* u, const S* q, S* y) {
   const S* k = w.k.at(t, n);
   if (!w.is_sum()) {
     if (Wsrc != nullptr)
@@ -202,28 +255,41 @@ void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes<S>& w, S* v
     else
       std::fill(vbar_out, vbar_out + M, S(0));
   }
-  w.u(t, n, u);
-  std::fill(y, y + M, S(0));
-  for (int64_t e = 0; e < E; ++e) {
-    const S ke = k[e], qe = q[e];
-    S* wo = Wout + e * M;
-    if (Wsrc != nullptr) {
-      const S* ws = Wsrc + e * M;
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) {
-        const S x = ws[m] + ke * u[m];
-        wo[m] = x;
-        y[m] += qe * x;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) {
-        const S x = S(0) + ke * u[m];
-        wo[m] = x;
-        y[m] += qe * x;
-      }
-    }
-  }
+  w.u(t, n, u, M);
+  constexpr int64_t L = kLanes<S>;
+  const auto pass = [&](auto from_zero) RFWP_INLINE_LAMBDA {
+    constexpr bool kZero = decltype(from_zero)::value;
+    column_blocks<S>(
+        M,
+        [&](int64_t m0, auto vectors) RFWP_INLINE_LAMBDA {
+          constexpr int64_t K = decltype(vectors)::value;
+          Vec<S> uj[K], sum[K] = {};
+          for (int64_t j = 0; j < K; ++j) uj[j] = load(u + m0 + j * L);
+          for (int64_t e = 0; e < E; ++e) {
+            const S ke = k[e], qe = q[e];
+            for (int64_t j = 0; j < K; ++j) {
+              const int64_t at = e * M + m0 + j * L;
+              const Vec<S> x = (kZero ? Vec<S>{} : load(Wsrc + at)) + ke * uj[j];
+              store(Wout + at, x);
+              sum[j] += qe * x;
+            }
+          }
+          for (int64_t j = 0; j < K; ++j) store(y + m0 + j * L, sum[j]);
+        },
+        [&](int64_t m) RFWP_INLINE_LAMBDA {
+          S sum = 0;
+          for (int64_t e = 0; e < E; ++e) {
+            const S x = (kZero ? S(0) : Wsrc[e * M + m]) + k[e] * u[m];
+            Wout[e * M + m] = x;
+            sum += q[e] * x;
+          }
+          y[m] = sum;
+        });
+  };
+  if (Wsrc == nullptr)
+    pass(std::true_type{});
+  else
+    pass(std::false_type{});
 }
 
 // W <- the state right after step t, replayed from the start of its segment: from zero after a reset, from W0
@@ -233,7 +299,7 @@ void replay(S* W, const S* W0, int64_t t, int64_t n, const Resets& R, const Writ
   int64_t s = R.segment_start(t, n);
   load_or_zero(W, W0, w.E * w.M, R.at(s, n));
   for (; s <= t; ++s) {
-    w.u(s, n, u);
+    w.u(s, n, u, w.M);
     add_outer(W, w.k.at(s, n), u, w.E, w.M);
   }
 }
@@ -246,7 +312,7 @@ void write_backward(S* W, S* G, const S* W0, int64_t t, int64_t n, const Resets&
                     S* dv, S* dbeta, S* u, S* du) {
   const int64_t E = w.E, M = w.M;
   const S* k = w.k.at(t, n);
-  w.u(t, n, u);
+  w.u(t, n, u, M);
   read(G, k, du, E, M);  // du = G^T k
   apply(G, u, dk, E, M);  // dk = G u
   if (w.is_sum()) {
@@ -275,13 +341,44 @@ void write_backward(S* W, S* G, const S* W0, int64_t t, int64_t n, const Resets&
   }
 }
 
-// Run body(n, scratch) for every chain n in parallel; `work` is the rough cost of one chain.
-template <class F>
-void for_chains(int64_t N, int64_t work, F body) {
+// Run body(n, scratch) for every chain n in parallel; `work` is the rough cost of one chain. `scratch` points to
+// `scratch_size` elements that body may use as it likes, allocated once per range of chains (a single step at
+// B256 is a thousand short chains, where an allocation per chain would cost as much as the arithmetic).
+template <class S, class F>
+void for_chains(int64_t N, int64_t work, int64_t scratch_size, F body) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) body(n);
+    std::vector<S> scratch(scratch_size);
+    for (int64_t n = begin; n < end; ++n) body(n, scratch.data());
   });
+}
+
+// Consecutive arrays cut from a scratch buffer.
+template <class S>
+struct Carve {
+  S* p;
+  S* take(int64_t count) {
+    S* r = p;
+    p += count;
+    return r;
+  }
+  S* copy(const S* src, int64_t count) {
+    std::copy(src, src + count, p);
+    return take(count);
+  }
+};
+
+// Calls f(E, M) with the key and value sizes as compile-time constants when they are equal and common
+// (16, 32, 64), so that the inlined per-row loops unroll and keep their sums in registers; else as values.
+template <class F>
+void with_dims(int64_t E, int64_t M, F&& f) {
+  using Sixteen = std::integral_constant<int64_t, 16>;
+  using ThirtyTwo = std::integral_constant<int64_t, 32>;
+  using SixtyFour = std::integral_constant<int64_t, 64>;
+  if (E == M && E == 16) return f(Sixteen{}, Sixteen{});
+  if (E == M && E == 32) return f(ThirtyTwo{}, ThirtyTwo{});
+  if (E == M && E == 64) return f(SixtyFour{}, SixtyFour{});
+  f(E, M);
 }
 
 // ---- sum rule and delta rule (one code path: the sum rule is a write without vbar) ------------------------
@@ -289,15 +386,17 @@ void for_chains(int64_t N, int64_t work, F body) {
 template <class S>
 void linear_forward_loop(const Dims& d, const Resets& R, const S* q, const Writes<S>& w, const S* W0, S* y, S* WT,
                     S* vbar) {
-  const int64_t E = d.E, M = d.M, N = d.N();
-  for_chains(N, d.T * E * M * 3, [&](int64_t n) {
-    S* W = WT + n * E * M;  // the state evolves in the output buffer
-    std::vector<S> u(M);
-    for (int64_t t = 0; t < d.T; ++t) {
-      const S* src = R.at(t, n) ? nullptr : t == 0 ? W0 + n * E * M : W;
-      step(src, W, t, n, w, vbar ? vbar + (t * N + n) * M : nullptr, u.data(), q + (t * N + n) * E,
-           y + (t * N + n) * M);
-    }
+  const int64_t N = d.N();
+  with_dims(d.E, d.M, [&](auto E_, auto M_) {
+    const int64_t E = E_, M = M_;
+    for_chains<S>(N, d.T * E * M * 3, M, [&](int64_t n, S* u) {
+      S* W = WT + n * E * M;  // the state evolves in the output buffer
+      for (int64_t t = 0; t < d.T; ++t) {
+        const S* src = R.at(t, n) ? nullptr : t == 0 ? W0 + n * E * M : W;
+        step(src, W, t, n, w, E, M, vbar ? vbar + (t * N + n) * M : nullptr, u, q + (t * N + n) * E,
+             y + (t * N + n) * M);
+      }
+    });
   });
 }
 
@@ -305,17 +404,17 @@ template <class S>
 void linear_backward_loop(const Dims& d, const Resets& R, const S* q, const Writes<S>& w, const S* W0, const S* WT,
                      const S* gy, const S* gWT, S* dq, S* dk, S* dv, S* dbeta, S* dW0) {
   const int64_t E = d.E, M = d.M, N = d.N();
-  for_chains(N, d.T * E * M * 7, [&](int64_t n) {
-    std::vector<S> W(WT + n * E * M, WT + (n + 1) * E * M), u(M), du(M);
+  for_chains<S>(N, d.T * E * M * 7, E * M + 2 * M, [&](int64_t n, S* scratch) {
+    Carve<S> c{scratch};
+    S *W = c.copy(WT + n * E * M, E * M), *u = c.take(M), *du = c.take(M);
     S* G = dW0 + n * E * M;  // dL/dW_t evolves in the output buffer and ends as dL/dW0
     std::copy(gWT + n * E * M, gWT + (n + 1) * E * M, G);
     for (int64_t t = d.T - 1; t >= 0; --t) {
       const int64_t i = t * N + n;
       const S* g = gy + i * M;
-      apply(W.data(), g, dq + i * E, E, M);  // dq_t = W_t g_t
-      add_outer(G, q + i * E, g, E, M);      // y_t = W_t^T q_t
-      write_backward(W.data(), G, W0 + n * E * M, t, n, R, w, dk + i * E, dv + i * M, dbeta ? dbeta + i : nullptr,
-                     u.data(), du.data());
+      apply(W, g, dq + i * E, E, M);     // dq_t = W_t g_t
+      add_outer(G, q + i * E, g, E, M);  // y_t = W_t^T q_t
+      write_backward(W, G, W0 + n * E * M, t, n, R, w, dk + i * E, dv + i * M, dbeta ? dbeta + i : nullptr, u, du);
     }
   });
 }
@@ -336,45 +435,43 @@ template <class S>
 void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, const S* vx, const S* bx, const S* Rq,
                  const S* Rk, const S* Rv, const S* rb, const S* W0, const S* h0, S* y, S* WT, S* hT, S* qs,
                  S* ks, S* vs, S* vbar, S* betas) {
-  const int64_t d = D.E, N = D.N();
-  const Writes<S> w{{ks, N, d, 0}, {vs, N, d, 0}, {vbar, N, d, 0}, {betas, N, 1, 0}, d, d};
-  // Head-major chain order (n = b*H + h for j = h*B + b): consecutive chains share Rq, Rk, Rv, which stay in
-  // cache while the fast weights stream.
-  for_chains(N, D.T * d * d * 6, [&](int64_t j) {
-    const int64_t n = (j % D.B) * D.H + j / D.B;
-    const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
-    S *W = WT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
-    std::copy(h0 + n * d, h0 + (n + 1) * d, h);
-    std::vector<S> a(d), lq(d), lk(d), u(d);
-    for (int64_t t = 0; t < D.T; ++t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      if (reset) std::fill(h, h + d, S(0));
-      tanh_array(h, a.data(), d);
-      S* lv = vs + i * d;
-      std::copy(qx + i * d, qx + (i + 1) * d, lq.data());
-      std::copy(kx + i * d, kx + (i + 1) * d, lk.data());
-      std::copy(vx + i * d, vx + (i + 1) * d, lv);
-      S bl = bx[i];
-      for (int64_t e = 0; e < d; ++e) {  // l += R^T a for Rq, Rk, Rv in one pass
-        const S ae = a[e];
-        const S *rq = P.Rq + e * d, *rk = P.Rk + e * d, *rv = P.Rv + e * d;
-        S *pq = lq.data(), *pk = lk.data();
-#pragma omp simd
+  const int64_t N = D.N();
+  const Writes<S> w{{ks, N, D.E, 0}, {vs, N, D.E, 0}, {vbar, N, D.E, 0}, {betas, N, 1, 0}, D.E, D.E};
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size;
+    // Head-major chain order (n = b*H + h for j = h*B + b): consecutive chains share Rq, Rk, Rv, which stay in
+    // cache while the fast weights stream.
+    for_chains<S>(N, D.T * d * d * 6, 4 * d, [&](int64_t j, S* scratch) {
+      const int64_t n = (j % D.B) * D.H + j / D.B;
+      const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
+      S *W = WT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
+      std::copy(h0 + n * d, h0 + (n + 1) * d, h);
+      Carve<S> c{scratch};
+      S *a = c.take(d), *lq = c.take(d), *lk = c.take(d), *u = c.take(d);
+      for (int64_t t = 0; t < D.T; ++t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        if (reset) std::fill(h, h + d, S(0));
+        tanh_array(h, a, d);
+        S* lv = vs + i * d;
+        read(P.Rq, a, lq, d, d);
+        read(P.Rk, a, lk, d, d);
+        read(P.Rv, a, lv, d, d);
+        S ab = 0;
+        for (int64_t e = 0; e < d; ++e) ab += a[e] * P.rb[e];
         for (int64_t m = 0; m < d; ++m) {
-          pq[m] += ae * rq[m];
-          pk[m] += ae * rk[m];
-          lv[m] += ae * rv[m];
+          lq[m] += qx[i * d + m];
+          lk[m] += kx[i * d + m];
+          lv[m] += vx[i * d + m];
         }
-        bl += ae * P.rb[e];
+        softmax(lq, qs + i * d, d);
+        softmax(lk, ks + i * d, d);
+        betas[i] = sigmoid(bx[i] + ab);
+        const S* src = reset ? nullptr : t == 0 ? W0 + n * d * d : W;
+        step(src, W, t, n, w, d, d, vbar + i * d, u, qs + i * d, y + i * d);
+        std::copy(y + i * d, y + (i + 1) * d, h);
       }
-      softmax(lq.data(), qs + i * d, d);
-      softmax(lk.data(), ks + i * d, d);
-      betas[i] = sigmoid(bl);
-      const S* src = reset ? nullptr : t == 0 ? W0 + n * d * d : W;
-      step(src, W, t, n, w, vbar + i * d, u.data(), qs + i * d, y + i * d);
-      std::copy(y + i * d, y + (i + 1) * d, h);
-    }
+    });
   });
 }
 
@@ -386,10 +483,11 @@ void rdn_backward_loop(const Dims& D, const Resets& R, const S* Rq, const S* Rk,
                   S* dRq_n, S* dRk_n, S* dRv_n, S* drb_n, S* dW0, S* dh0) {
   const int64_t d = D.E, N = D.N();
   const Writes<S> w{{ks, N, d, 0}, {vs, N, d, 0}, {vbar, N, d, 0}, {betas, N, 1, 0}, d, d};
-  for_chains(N, D.T * d * d * 14, [&](int64_t n) {
+  for_chains<S>(N, D.T * d * d * 14, 2 * d * d + 7 * d, [&](int64_t n, S* scratch) {
     const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
-    std::vector<S> W(WT + n * d * d, WT + (n + 1) * d * d), G(gWT + n * d * d, gWT + (n + 1) * d * d);
-    std::vector<S> delta(ghT + n * d, ghT + (n + 1) * d), a(d), dq(d), dk(d), u(d), du(d), da(d);
+    Carve<S> c{scratch};
+    S *W = c.copy(WT + n * d * d, d * d), *G = c.copy(gWT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
+    S *a = c.take(d), *dq = c.take(d), *dk = c.take(d), *u = c.take(d), *du = c.take(d), *da = c.take(d);
     S *dRq = dRq_n + n * d * d, *dRk = dRk_n + n * d * d, *dRv = dRv_n + n * d * d, *drb = drb_n + n * d;
     std::fill(dRq, dRq + d * d, S(0)), std::fill(dRk, dRk + d * d, S(0)), std::fill(dRv, dRv + d * d, S(0));
     std::fill(drb, drb + d, S(0));
@@ -401,29 +499,28 @@ void rdn_backward_loop(const Dims& D, const Resets& R, const S* Rq, const S* Rk,
         a[e] = reset ? S(0) : std::tanh(hprev[e]);
         delta[e] += gy[i * d + e];
       }
-      apply(W.data(), delta.data(), dq.data(), d, d);  // dq = W_t delta
-      softmax_backward(qs + i * d, dq.data(), dqx + i * d, d);
-      add_outer(G.data(), qs + i * d, delta.data(), d, d);
+      apply(W, delta, dq, d, d);  // dq = W_t delta
+      softmax_backward(qs + i * d, dq, dqx + i * d, d);
+      add_outer(G, qs + i * d, delta, d, d);
       S db;
-      write_backward(W.data(), G.data(), W0 + n * d * d, t, n, R, w, dk.data(), dvx + i * d, &db, u.data(),
-                     du.data());
+      write_backward(W, G, W0 + n * d * d, t, n, R, w, dk, dvx + i * d, &db, u, du);
       const S b = betas[i];
       dbx[i] = b * (S(1) - b) * db;
-      softmax_backward(ks + i * d, dk.data(), dkx + i * d, d);
-      apply(P.Rq, dqx + i * d, da.data(), d, d);
-      apply(P.Rk, dkx + i * d, da.data(), d, d, true);
-      apply(P.Rv, dvx + i * d, da.data(), d, d, true);
-      add_outer(dRq, a.data(), dqx + i * d, d, d);
-      add_outer(dRk, a.data(), dkx + i * d, d, d);
-      add_outer(dRv, a.data(), dvx + i * d, d, d);
+      softmax_backward(ks + i * d, dk, dkx + i * d, d);
+      apply(P.Rq, dqx + i * d, da, d, d);
+      apply(P.Rk, dkx + i * d, da, d, d, true);
+      apply(P.Rv, dvx + i * d, da, d, d, true);
+      add_outer(dRq, a, dqx + i * d, d, d);
+      add_outer(dRk, a, dkx + i * d, d, d);
+      add_outer(dRv, a, dvx + i * d, d, d);
       for (int64_t e = 0; e < d; ++e) {
         drb[e] += a[e] * dbx[i];
         // a = tanh(h_{t-1}); after a reset h_{t-1} was replaced by zeros and gets no gradient
         delta[e] = reset ? S(0) : (S(1) - a[e] * a[e]) * (da[e] + P.rb[e] * dbx[i]);
       }
     }
-    std::copy(G.begin(), G.end(), dW0 + n * d * d);
-    std::copy(delta.begin(), delta.end(), dh0 + n * d);
+    std::copy(G, G + d * d, dW0 + n * d * d);
+    std::copy(delta, delta + d, dh0 + n * d);
   });
 }
 
@@ -445,19 +542,22 @@ void sum_over_batch(const S* part, S* out, int64_t B, int64_t H, int64_t size) {
 template <class S>
 void drnn_forward_loop(const Dims& D, const Resets& R, const S* z, const Writes<S>& w, const S* R0, const S* h0, S* y,
                   S* RT, S* hT, S* vbar) {
-  const int64_t d = D.E, N = D.N();
-  for_chains(N, D.T * d * d * 4, [&](int64_t n) {
-    S *Rm = RT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
-    std::copy(h0 + n * d, h0 + (n + 1) * d, h);
-    std::vector<S> s(d), u(d);
-    for (int64_t t = 0; t < D.T; ++t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      if (reset) std::fill(h, h + d, S(0));
-      softmax(h, s.data(), d);
-      step(reset ? nullptr : t == 0 ? R0 + n * d * d : Rm, Rm, t, n, w, vbar + i * d, u.data(), s.data(), h);
-      for (int64_t m = 0; m < d; ++m) y[i * d + m] = (h[m] += z[i * d + m]);
-    }
+  const int64_t N = D.N();
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size;
+    for_chains<S>(N, D.T * d * d * 4, 2 * d, [&](int64_t n, S* scratch) {
+      S *Rm = RT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
+      std::copy(h0 + n * d, h0 + (n + 1) * d, h);
+      S *s = scratch, *u = scratch + d;
+      for (int64_t t = 0; t < D.T; ++t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        if (reset) std::fill(h, h + d, S(0));
+        softmax(h, s, d);
+        step(reset ? nullptr : t == 0 ? R0 + n * d * d : Rm, Rm, t, n, w, d, d, vbar + i * d, u, s, h);
+        for (int64_t m = 0; m < d; ++m) y[i * d + m] = (h[m] += z[i * d + m]);
+      }
+    });
   });
 }
 
@@ -466,24 +566,24 @@ void drnn_backward_loop(const Dims& D, const Resets& R, const Writes<S>& w, cons
                    const S* RT, const S* gy, const S* gRT, const S* ghT, S* dz, S* dkr, S* dvr, S* dbr, S* dR0,
                    S* dh0) {
   const int64_t d = D.E, N = D.N();
-  for_chains(N, D.T * d * d * 8, [&](int64_t n) {
-    std::vector<S> Rm(RT + n * d * d, RT + (n + 1) * d * d), G(gRT + n * d * d, gRT + (n + 1) * d * d);
-    std::vector<S> delta(ghT + n * d, ghT + (n + 1) * d), hp(d), s(d), ds(d), u(d), du(d);
+  for_chains<S>(N, D.T * d * d * 8, 2 * d * d + 6 * d, [&](int64_t n, S* scratch) {
+    Carve<S> c{scratch};
+    S *Rm = c.copy(RT + n * d * d, d * d), *G = c.copy(gRT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
+    S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
     for (int64_t t = D.T - 1; t >= 0; --t) {
       const int64_t i = t * N + n;
       const bool reset = R.at(t, n);
-      load_or_zero(hp.data(), t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
-      softmax(hp.data(), s.data(), d);
+      load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
+      softmax(hp, s, d);
       for (int64_t m = 0; m < d; ++m) dz[i * d + m] = (delta[m] += gy[i * d + m]);
-      apply(Rm.data(), delta.data(), ds.data(), d, d);  // ds = R_t delta
-      add_outer(G.data(), s.data(), delta.data(), d, d);
-      write_backward(Rm.data(), G.data(), R0 + n * d * d, t, n, R, w, dkr + i * d, dvr + i * d, dbr + i,
-                     u.data(), du.data());
-      softmax_backward(s.data(), ds.data(), delta.data(), d);
-      if (reset) std::fill(delta.begin(), delta.end(), S(0));
+      apply(Rm, delta, ds, d, d);  // ds = R_t delta
+      add_outer(G, s, delta, d, d);
+      write_backward(Rm, G, R0 + n * d * d, t, n, R, w, dkr + i * d, dvr + i * d, dbr + i, u, du);
+      softmax_backward(s, ds, delta, d);
+      if (reset) std::fill(delta, delta + d, S(0));
     }
-    std::copy(G.begin(), G.end(), dR0 + n * d * d);
-    std::copy(delta.begin(), delta.end(), dh0 + n * d);
+    std::copy(G, G + d * d, dR0 + n * d * d);
+    std::copy(delta, delta + d, dh0 + n * d);
   });
 }
 
@@ -500,38 +600,41 @@ std::array<Writes<S>, 3> lstm_writes(const S* kr, const S* vr, const S* br, cons
 template <class S>
 void dlstm_forward_loop(const Dims& D, const Resets& R, const S* z, const S* kr, const S* vr, const S* br, const S* R0,
                    const S* h0, const S* c0, S* y, S* RT, S* hT, S* cT, S* vbar, S* gates, S* cs) {
-  const int64_t d = D.E, N = D.N(), dd = d * d;
-  const auto w = lstm_writes(kr, vr, br, vbar, N, d);
-  for_chains(N, D.T * dd * 12, [&](int64_t n) {
-    S *Rm = RT + n * 3 * dd, *h = hT + n * d, *c = cT + n * d;  // the state evolves in the output buffers
-    std::copy(h0 + n * d, h0 + (n + 1) * d, h);
-    std::copy(c0 + n * d, c0 + (n + 1) * d, c);
-    std::vector<S> s(d), u(d), pre(3 * d);
-    for (int64_t t = 0; t < D.T; ++t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      if (reset) {
-        std::fill(h, h + d, S(0));
-        std::fill(c, c + d, S(0));
+  const int64_t N = D.N();
+  const auto w = lstm_writes(kr, vr, br, vbar, N, D.E);
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size, dd = d * d;
+    for_chains<S>(N, D.T * dd * 12, 5 * d, [&](int64_t n, S* scratch) {
+      S *Rm = RT + n * 3 * dd, *h = hT + n * d, *c = cT + n * d;  // the state evolves in the output buffers
+      std::copy(h0 + n * d, h0 + (n + 1) * d, h);
+      std::copy(c0 + n * d, c0 + (n + 1) * d, c);
+      S *s = scratch, *u = scratch + d, *pre = scratch + 2 * d;
+      for (int64_t t = 0; t < D.T; ++t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        if (reset) {
+          std::fill(h, h + d, S(0));
+          std::fill(c, c + d, S(0));
+        }
+        softmax(h, s, d);
+        const S* src = reset ? nullptr : t == 0 ? R0 + n * 3 * dd : Rm;
+        for (int64_t g = 0; g < 3; ++g)
+          step(src ? src + g * dd : nullptr, Rm + g * dd, t, n, w[g], d, d, vbar + (i * 3 + g) * d, u, s,
+               pre + g * d);
+        S* gt = gates + i * 3 * d;
+        const S* zt = z + i * 3 * d;
+        for (int64_t m = 0; m < 3 * d; ++m) gt[m] = pre[m] + zt[m];
+        sigmoid_array(gt, gt, d);                  // input gate
+        sigmoid_array(gt + 2 * d, gt + 2 * d, d);  // output gate
+        for (int64_t m = 0; m < d; ++m) {
+          const S ig = gt[m], ug = gt[d + m], og = gt[2 * d + m];
+          c[m] = ig * ug + (S(1) - ig) * c[m];
+          h[m] = og * c[m];
+          cs[i * d + m] = c[m];
+          y[i * d + m] = h[m];
+        }
       }
-      softmax(h, s.data(), d);
-      const S* src = reset ? nullptr : t == 0 ? R0 + n * 3 * dd : Rm;
-      for (int64_t g = 0; g < 3; ++g)
-        step(src ? src + g * dd : nullptr, Rm + g * dd, t, n, w[g], vbar + (i * 3 + g) * d, u.data(), s.data(),
-             pre.data() + g * d);
-      S* gt = gates + i * 3 * d;
-      const S* zt = z + i * 3 * d;
-      for (int64_t m = 0; m < 3 * d; ++m) gt[m] = pre[m] + zt[m];
-      sigmoid_array(gt, gt, d);                  // input gate
-      sigmoid_array(gt + 2 * d, gt + 2 * d, d);  // output gate
-      for (int64_t m = 0; m < d; ++m) {
-        const S ig = gt[m], ug = gt[d + m], og = gt[2 * d + m];
-        c[m] = ig * ug + (S(1) - ig) * c[m];
-        h[m] = og * c[m];
-        cs[i * d + m] = c[m];
-        y[i * d + m] = h[m];
-      }
-    }
+    });
   });
 }
 
@@ -542,15 +645,16 @@ void dlstm_backward_loop(const Dims& D, const Resets& R, const S* kr, const S* v
                     S* dh0, S* dc0) {
   const int64_t d = D.E, N = D.N(), dd = d * d;
   const auto w = lstm_writes(kr, vr, br, vbar, N, d);
-  for_chains(N, D.T * dd * 24, [&](int64_t n) {
-    std::vector<S> Rm(RT + n * 3 * dd, RT + (n + 1) * 3 * dd), G(gRT + n * 3 * dd, gRT + (n + 1) * 3 * dd);
-    std::vector<S> delta(ghT + n * d, ghT + (n + 1) * d), dc(gcT + n * d, gcT + (n + 1) * d);
-    std::vector<S> hp(d), s(d), ds(d), u(d), du(d);
+  for_chains<S>(N, D.T * dd * 24, 6 * dd + 7 * d, [&](int64_t n, S* scratch) {
+    Carve<S> k{scratch};
+    S *Rm = k.copy(RT + n * 3 * dd, 3 * dd), *G = k.copy(gRT + n * 3 * dd, 3 * dd);
+    S *delta = k.copy(ghT + n * d, d), *dc = k.copy(gcT + n * d, d);
+    S *hp = k.take(d), *s = k.take(d), *ds = k.take(d), *u = k.take(d), *du = k.take(d);
     for (int64_t t = D.T - 1; t >= 0; --t) {
       const int64_t i = t * N + n;
       const bool reset = R.at(t, n);
-      load_or_zero(hp.data(), t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
-      softmax(hp.data(), s.data(), d);
+      load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
+      softmax(hp, s, d);
       const S* cprev = t > 0 ? cs + (i - N) * d : c0 + n * d;
       const S* gt = gates + i * 3 * d;
       S* dpre = dz + i * 3 * d;  // dL/dz_g = dL/d(pre-activation of gate g)
@@ -564,17 +668,17 @@ void dlstm_backward_loop(const Dims& D, const Resets& R, const S* kr, const S* v
         dc[m] = reset ? S(0) : dct * (S(1) - ig);
       }
       for (int64_t g = 0; g < 3; ++g) {
-        apply(Rm.data() + g * dd, dpre + g * d, ds.data(), d, d, g > 0);  // ds = sum_g R_g,t dpre_g
-        add_outer(G.data() + g * dd, s.data(), dpre + g * d, d, d);
-        write_backward(Rm.data() + g * dd, G.data() + g * dd, R0 + n * 3 * dd + g * dd, t, n, R, w[g],
-                       dkr + (i * 3 + g) * d, dvr + (i * 3 + g) * d, dbr + i * 3 + g, u.data(), du.data());
+        apply(Rm + g * dd, dpre + g * d, ds, d, d, g > 0);  // ds = sum_g R_g,t dpre_g
+        add_outer(G + g * dd, s, dpre + g * d, d, d);
+        write_backward(Rm + g * dd, G + g * dd, R0 + n * 3 * dd + g * dd, t, n, R, w[g],
+                       dkr + (i * 3 + g) * d, dvr + (i * 3 + g) * d, dbr + i * 3 + g, u, du);
       }
-      softmax_backward(s.data(), ds.data(), delta.data(), d);
-      if (reset) std::fill(delta.begin(), delta.end(), S(0));
+      softmax_backward(s, ds, delta, d);
+      if (reset) std::fill(delta, delta + d, S(0));
     }
-    std::copy(G.begin(), G.end(), dR0 + n * 3 * dd);
-    std::copy(delta.begin(), delta.end(), dh0 + n * d);
-    std::copy(dc.begin(), dc.end(), dc0 + n * d);
+    std::copy(G, G + 3 * dd, dR0 + n * 3 * dd);
+    std::copy(delta, delta + d, dh0 + n * d);
+    std::copy(dc, dc + d, dc0 + n * d);
   });
 }
 
