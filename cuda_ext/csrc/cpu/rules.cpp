@@ -86,24 +86,47 @@ RFWP_INLINE void column_blocks(int64_t M, FV&& vectors, FS&& column) {
   for (; m0 < M; ++m0) column(m0);
 }
 
-// y[m] = sum_e W[e][m] x[e]  (W^T x: a read), summed over e in order.
-template <class S>
-RFWP_INLINE void read(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M) {
+// Vector sums over rows: with fewer than 8 vectors summed at once, the rows are split in two interleaved
+// halves (even and odd e, added at the end) so that the FMA unit has 8 independent chains to work on.
+constexpr int64_t row_sets(int64_t vectors) { return vectors <= 4 ? 2 : 1; }
+
+// y_i[m] = sum_e W_i[e][m] x[e] for P matrices W_i read by the same x (W^T x: a read). Reading several
+// matrices in one pass also gives the FMA unit more independent chains (RDN's R_q, R_k, R_v).
+template <class S, size_t P>
+RFWP_INLINE void read_many(const std::array<const S*, P>& W, const S* __restrict__ x,
+                           const std::array<S*, P>& y, int64_t E, int64_t M) {
   constexpr int64_t L = kLanes<S>;
   column_blocks<S>(
       M,
       [&](int64_t m0, auto vectors) RFWP_INLINE_LAMBDA {
-        constexpr int64_t K = decltype(vectors)::value;
-        Vec<S> sum[K] = {};
-        for (int64_t e = 0; e < E; ++e)
-          for (int64_t j = 0; j < K; ++j) sum[j] += x[e] * load(W + e * M + m0 + j * L);
-        for (int64_t j = 0; j < K; ++j) store(y + m0 + j * L, sum[j]);
+        constexpr int64_t K = decltype(vectors)::value, Sets = row_sets(P * K);
+        Vec<S> sum[Sets][P][K] = {};
+        const auto row = [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
+          for (size_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < K; ++j) sum[set][i][j] += x[e] * load(W[i] + e * M + m0 + j * L);
+        };
+        int64_t e = 0;
+        for (; e + Sets <= E; e += Sets)
+          for (int64_t set = 0; set < Sets; ++set) row(e + set, set);
+        for (; e < E; ++e) row(e, 0);
+        for (size_t i = 0; i < P; ++i)
+          for (int64_t j = 0; j < K; ++j) {
+            for (int64_t set = 1; set < Sets; ++set) sum[0][i][j] += sum[set][i][j];
+            store(y[i] + m0 + j * L, sum[0][i][j]);
+          }
       },
       [&](int64_t m) RFWP_INLINE_LAMBDA {
-        S sum = 0;
-        for (int64_t e = 0; e < E; ++e) sum += x[e] * W[e * M + m];
-        y[m] = sum;
+        for (size_t i = 0; i < P; ++i) {
+          S sum = 0;
+          for (int64_t e = 0; e < E; ++e) sum += x[e] * W[i][e * M + m];
+          y[i][m] = sum;
+        }
       });
+}
+
+template <class S>
+RFWP_INLINE void read(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M) {
+  read_many<S, 1>({W}, x, {y}, E, M);
 }
 
 // y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). `omp simd` lets the
@@ -159,17 +182,34 @@ inline void exp_array(double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
+// y_r = softmax(x_r) for R vectors x_r of size d, stored one after the other in x (in place if y_0 = x);
+// several at once let their short dependency chains (max, exp, sum) overlap.
+template <int64_t R, class S>
+RFWP_INLINE void softmax_rows(S* x, const std::array<S*, R>& y, int64_t d) {
+  S mx[R], inverse[R];
+  for (int64_t r = 0; r < R; ++r) {
+    S m = x[r * d];
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < d; ++i) m = std::max(m, x[r * d + i]);
+    mx[r] = m;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < d; ++i) x[r * d + i] -= mx[r];
+  exp_array(x, R * d);
+  for (int64_t r = 0; r < R; ++r) {
+    S sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < d; ++i) sum += x[r * d + i];
+    inverse[r] = S(1) / sum;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < d; ++i) y[r][i] = x[r * d + i] * inverse[r];
+}
+
 template <class S>
 RFWP_INLINE void softmax(const S* x, S* y, int64_t d) {
-  S mx = x[0];
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < d; ++i) mx = std::max(mx, x[i]);
-  for (int64_t i = 0; i < d; ++i) y[i] = x[i] - mx;
-  exp_array(y, d);
-  S sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += y[i];
-  for (int64_t i = 0; i < d; ++i) y[i] /= sum;
+  std::copy(x, x + d, y);
+  softmax_rows<1, S>(y, {y}, d);
 }
 
 // y = sigmoid(x) and a = tanh(x) over arrays (x may be y / a), through exp_array.
@@ -262,19 +302,26 @@ RFWP_INLINE void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes
     column_blocks<S>(
         M,
         [&](int64_t m0, auto vectors) RFWP_INLINE_LAMBDA {
-          constexpr int64_t K = decltype(vectors)::value;
-          Vec<S> uj[K], sum[K] = {};
+          constexpr int64_t K = decltype(vectors)::value, Sets = row_sets(K);
+          Vec<S> uj[K], sum[Sets][K] = {};
           for (int64_t j = 0; j < K; ++j) uj[j] = load(u + m0 + j * L);
-          for (int64_t e = 0; e < E; ++e) {
+          const auto row = [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
             const S ke = k[e], qe = q[e];
             for (int64_t j = 0; j < K; ++j) {
               const int64_t at = e * M + m0 + j * L;
               const Vec<S> x = (kZero ? Vec<S>{} : load(Wsrc + at)) + ke * uj[j];
               store(Wout + at, x);
-              sum[j] += qe * x;
+              sum[set][j] += qe * x;
             }
+          };
+          int64_t e = 0;
+          for (; e + Sets <= E; e += Sets)
+            for (int64_t set = 0; set < Sets; ++set) row(e + set, set);
+          for (; e < E; ++e) row(e, 0);
+          for (int64_t j = 0; j < K; ++j) {
+            for (int64_t set = 1; set < Sets; ++set) sum[0][j] += sum[set][j];
+            store(y + m0 + j * L, sum[0][j]);
           }
-          for (int64_t j = 0; j < K; ++j) store(y + m0 + j * L, sum[j]);
         },
         [&](int64_t m) RFWP_INLINE_LAMBDA {
           S sum = 0;
@@ -439,10 +486,7 @@ void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, 
   const Writes<S> w{{ks, N, D.E, 0}, {vs, N, D.E, 0}, {vbar, N, D.E, 0}, {betas, N, 1, 0}, D.E, D.E};
   with_dims(D.E, D.E, [&](auto size, auto) {
     const int64_t d = size;
-    // Head-major chain order (n = b*H + h for j = h*B + b): consecutive chains share Rq, Rk, Rv, which stay in
-    // cache while the fast weights stream.
-    for_chains<S>(N, D.T * d * d * 6, 4 * d, [&](int64_t j, S* scratch) {
-      const int64_t n = (j % D.B) * D.H + j / D.B;
+    for_chains<S>(N, D.T * d * d * 6, 4 * d, [&](int64_t n, S* scratch) {
       const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
       S *W = WT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
       std::copy(h0 + n * d, h0 + (n + 1) * d, h);
@@ -454,18 +498,16 @@ void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, 
         if (reset) std::fill(h, h + d, S(0));
         tanh_array(h, a, d);
         S* lv = vs + i * d;
-        read(P.Rq, a, lq, d, d);
-        read(P.Rk, a, lk, d, d);
-        read(P.Rv, a, lv, d, d);
+        read_many<S, 3>({P.Rq, P.Rk, P.Rv}, a, {lq, lk, lv}, d, d);
         S ab = 0;
+#pragma omp simd reduction(+ : ab)
         for (int64_t e = 0; e < d; ++e) ab += a[e] * P.rb[e];
         for (int64_t m = 0; m < d; ++m) {
           lq[m] += qx[i * d + m];
           lk[m] += kx[i * d + m];
           lv[m] += vx[i * d + m];
         }
-        softmax(lq, qs + i * d, d);
-        softmax(lk, ks + i * d, d);
+        softmax_rows<2, S>(lq, {qs + i * d, ks + i * d}, d);  // lq, lk are consecutive
         betas[i] = sigmoid(bx[i] + ab);
         const S* src = reset ? nullptr : t == 0 ? W0 + n * d * d : W;
         step(src, W, t, n, w, d, d, vbar + i * d, u, qs + i * d, y + i * d);
