@@ -244,6 +244,18 @@ def test_auto_backend_policy(cpu, monkeypatch):
         loader.auto_backend.cache_clear()
 
 
+def test_cpu_build_uses_vector_instructions_only_where_the_cpu_has_them(monkeypatch):
+    # The flags are part of the build's hash, so a cache shared with a CPU without AVX2 never hands it this build.
+    builds = {}
+    for capability in ("AVX2", "AVX512", "DEFAULT"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        builds[capability] = (loader.compile_flags("cpu")["cxx"], loader.build_directory("cpu"))
+    for capability in ("AVX2", "AVX512"):
+        assert {"-mavx2", "-mfma"} <= set(builds[capability][0])
+    assert not any(flag.startswith("-m") for flag in builds["DEFAULT"][0])
+    assert builds["DEFAULT"][1] != builds["AVX2"][1]
+
+
 def test_cached_build_is_found_without_compiling(cpu):
     assert loader.is_built("cpu")
     assert (loader.build_directory("cpu") / "rfwp_cpu.so").exists()

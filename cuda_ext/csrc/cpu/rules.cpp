@@ -196,7 +196,7 @@ RFWP_INLINE void softmax_rows(S* x, const std::array<S*, R>& y, int64_t d) {
   for (int64_t r = 0; r < R; ++r) {
     S m = x[r * d];
 #pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < d; ++i) m = std::max(m, x[r * d + i]);
+    for (int64_t i = 0; i < d; ++i) m = x[r * d + i] > m ? x[r * d + i] : m;  // (std::max would not vectorize)
     mx[r] = m;
   }
   for (int64_t r = 0; r < R; ++r)
