@@ -96,6 +96,16 @@ RFWP_INLINE void column_blocks(int64_t M, FV&& vectors, FS&& column) {
 // halves (even and odd e, added at the end) so that the FMA unit has 8 independent chains to work on.
 constexpr int64_t row_sets(int64_t vectors) { return vectors <= 4 ? 2 : 1; }
 
+// row(e, set) for every row e, dealt to the Sets interleaved sets (set = e mod Sets; leftover rows to set 0).
+// read_many and step both go through here, so their sums over the rows are taken in the same order.
+template <int64_t Sets, class F>
+RFWP_INLINE void rows_in_sets(int64_t E, F&& row) {
+  int64_t e = 0;
+  for (; e + Sets <= E; e += Sets)
+    for (int64_t set = 0; set < Sets; ++set) row(e + set, set);
+  for (; e < E; ++e) row(e, 0);
+}
+
 // y_i[m] = sum_e W_i[e][m] x[e] for P matrices W_i read by the same x (W^T x: a read). Reading several
 // matrices in one pass also gives the FMA unit more independent chains (RDN's R_q, R_k, R_v).
 template <class S, size_t P>
@@ -107,14 +117,10 @@ RFWP_INLINE void read_many(const std::array<const S*, P>& W, const S* __restrict
       [&](int64_t m0, auto vectors) RFWP_INLINE_LAMBDA {
         constexpr int64_t K = decltype(vectors)::value, Sets = row_sets(P * K);
         Vec<S> sum[Sets][P][K] = {};
-        const auto row = [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
+        rows_in_sets<Sets>(E, [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
           for (size_t i = 0; i < P; ++i)
             for (int64_t j = 0; j < K; ++j) sum[set][i][j] += x[e] * load(W[i] + e * M + m0 + j * L);
-        };
-        int64_t e = 0;
-        for (; e + Sets <= E; e += Sets)
-          for (int64_t set = 0; set < Sets; ++set) row(e + set, set);
-        for (; e < E; ++e) row(e, 0);
+        });
         for (size_t i = 0; i < P; ++i)
           for (int64_t j = 0; j < K; ++j) {
             for (int64_t set = 1; set < Sets; ++set) sum[0][i][j] += sum[set][i][j];
@@ -313,7 +319,7 @@ RFWP_INLINE void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes
           constexpr int64_t K = decltype(vectors)::value, Sets = row_sets(K);
           Vec<S> uj[K], sum[Sets][K] = {};
           for (int64_t j = 0; j < K; ++j) uj[j] = load(u + m0 + j * L);
-          const auto row = [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
+          rows_in_sets<Sets>(E, [&](int64_t e, int64_t set) RFWP_INLINE_LAMBDA {
             const S ke = k[e], qe = q[e];
             for (int64_t j = 0; j < K; ++j) {
               const int64_t at = e * M + m0 + j * L;
@@ -321,11 +327,7 @@ RFWP_INLINE void step(const S* Wsrc, S* Wout, int64_t t, int64_t n, const Writes
               store(Wout + at, x);
               sum[set][j] += qe * x;
             }
-          };
-          int64_t e = 0;
-          for (; e + Sets <= E; e += Sets)
-            for (int64_t set = 0; set < Sets; ++set) row(e + set, set);
-          for (; e < E; ++e) row(e, 0);
+          });
           for (int64_t j = 0; j < K; ++j) {
             for (int64_t set = 1; set < Sets; ++set) sum[0][j] += sum[set][j];
             store(y + m0 + j * L, sum[0][j]);
@@ -702,10 +704,10 @@ void dlstm_backward_loop(const Dims& D, const Resets& R, const S* kr, const S* v
   const int64_t d = D.E, N = D.N(), dd = d * d;
   const auto w = lstm_writes(kr, vr, br, vbar, N, d);
   for_chains<S>(N, D.T * dd * 24, 6 * dd + 7 * d, [&](int64_t n, S* scratch) {
-    Carve<S> k{scratch};
-    S *Rm = k.copy(RT + n * 3 * dd, 3 * dd), *G = k.copy(gRT + n * 3 * dd, 3 * dd);
-    S *delta = k.copy(ghT + n * d, d), *dc = k.copy(gcT + n * d, d);
-    S *hp = k.take(d), *s = k.take(d), *ds = k.take(d), *u = k.take(d), *du = k.take(d);
+    Carve<S> c{scratch};
+    S *Rm = c.copy(RT + n * 3 * dd, 3 * dd), *G = c.copy(gRT + n * 3 * dd, 3 * dd);
+    S *delta = c.copy(ghT + n * d, d), *dc = c.copy(gcT + n * d, d);
+    S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
     for (int64_t t = D.T - 1; t >= 0; --t) {
       const int64_t i = t * N + n;
       const bool reset = R.at(t, n);
