@@ -194,37 +194,35 @@ inline void exp_array(double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-// y_r = softmax(x_r) for R vectors x_r of size d, stored one after the other in x (in place if y_0 = x);
-// several at once let their short dependency chains (max, exp, sum) overlap.
-template <int64_t R, class S>
-RFWP_INLINE void softmax_rows(S* x, const std::array<S*, R>& y, int64_t d) {
-  S mx[R], inverse[R];
-  for (int64_t r = 0; r < R; ++r) {
-    S m = x[r * d];
+// x_r <- softmax(x_r) for `rows` vectors x_r of size d stored one after the other in x. Each phase (max, exp,
+// sum, scale) runs over all rows before the next, so that the rows' short dependency chains overlap.
+template <class S>
+RFWP_INLINE void softmax_rows(S* x, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    S* xr = x + r * d;
+    S m = xr[0];
 #pragma omp simd reduction(max : m)
-    for (int64_t i = 0; i < d; ++i) m = x[r * d + i] > m ? x[r * d + i] : m;  // (std::max would not vectorize)
-    mx[r] = m;
+    for (int64_t i = 0; i < d; ++i) m = xr[i] > m ? xr[i] : m;  // (std::max would not vectorize)
+    for (int64_t i = 0; i < d; ++i) xr[i] -= m;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < d; ++i) x[r * d + i] -= mx[r];
-  exp_array(x, R * d);
-  for (int64_t r = 0; r < R; ++r) {
+  exp_array(x, rows * d);
+  for (int64_t r = 0; r < rows; ++r) {
+    S* xr = x + r * d;
     S sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < d; ++i) sum += x[r * d + i];
-    inverse[r] = S(1) / sum;
+    for (int64_t i = 0; i < d; ++i) sum += xr[i];
+    const S inverse = S(1) / sum;
+    for (int64_t i = 0; i < d; ++i) xr[i] *= inverse;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < d; ++i) y[r][i] = x[r * d + i] * inverse[r];
 }
 
 template <class S>
 RFWP_INLINE void softmax(const S* x, S* y, int64_t d) {
   std::copy(x, x + d, y);
-  softmax_rows<1, S>(y, {y}, d);
+  softmax_rows(y, 1, d);
 }
 
-// y = sigmoid(x) and a = tanh(x) over arrays (x may be y / a), through exp_array.
+// y = sigmoid(x) (in place if y = x) and a = tanh(x) (a and x apart) over arrays, through exp_array.
 template <class S>
 RFWP_INLINE void sigmoid_array(const S* x, S* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = -x[i];
@@ -492,42 +490,59 @@ template <class S>
 void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, const S* vx, const S* bx, const S* Rq,
                  const S* Rk, const S* Rv, const S* rb, const S* W0, const S* h0, S* y, S* WT, S* hT, S* qs,
                  S* ks, S* vs, S* vbar, S* betas) {
-  const int64_t N = D.N();
+  const int64_t N = D.N(), H = D.H;
   const Writes<S> w{{ks, N, D.E, 0}, {vs, N, D.E, 0}, {vbar, N, D.E, 0}, {betas, N, 1, 0}, D.E, D.E};
+  // The chains go in groups of up to G samples with all their heads (consecutive in memory, so the fast
+  // weights stream through in order). Each phase of a step (tanh, the slow products, the softmaxes, the
+  // sigmoid) runs for the whole group before the next, so that the chains' short dependency chains overlap,
+  // and the slow products go head by head, so that Rq, Rk, Rv of a head (12 KB at d = 32) are read from L1 by
+  // every sample of the group in a row.
+  constexpr int64_t G = 8;
   with_dims(D.E, D.E, [&](auto size, auto) {
     const int64_t d = size;
-    // Chains j go through the samples in groups of 8 and, within a group, head by head: Rq, Rk, Rv of a head
-    // (12 KB at d = 32) are then read from L1 by 8 chains in a row, while the fast weights still stream
-    // through one contiguous region.
-    constexpr int64_t kGroup = 8;
-    for_chains<S>(N, D.T * d * d * 6, 4 * d, [&](int64_t j, S* scratch) {
-      const int64_t b0 = j / (kGroup * D.H) * kGroup, r = j % (kGroup * D.H);
-      const int64_t size = std::min(kGroup, D.B - b0), n = (b0 + r % size) * D.H + r / size;
-      const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
-      S *W = WT + n * d * d, *h = hT + n * d;  // the state evolves in the output buffers
-      std::copy(h0 + n * d, h0 + (n + 1) * d, h);
-      Carve<S> c{scratch};
-      S *a = c.take(d), *lq = c.take(d), *lk = c.take(d), *u = c.take(d);
+    for_chains<S>((D.B + G - 1) / G, D.T * G * H * d * d * 6, G * H * (3 * d + 1) + d, [&](int64_t j, S* scratch) {
+      const int64_t n0 = j * G * H, C = std::min(G, D.B - j * G) * H;  // chains n0 + c for c < C
+      Carve<S> cut{scratch};
+      // chain c's tanh(h) at a + c d, logits of q and k at l + 2 c d (consecutive) and beta at beta[c]
+      S *a = cut.take(G * H * d), *l = cut.take(2 * G * H * d), *beta = cut.take(G * H), *u = cut.take(d);
+      std::copy(h0 + n0 * d, h0 + (n0 + C) * d, hT + n0 * d);  // the state evolves in the output buffers
       for (int64_t t = 0; t < D.T; ++t) {
-        const int64_t i = t * N + n;
-        const bool reset = R.at(t, n);
-        if (reset) std::fill(h, h + d, S(0));
-        tanh_array(h, a, d);
-        S* lv = vs + i * d;
-        read_many<S, 3>({P.Rq, P.Rk, P.Rv}, a, {lq, lk, lv}, d, d);
-        S ab = 0;
-#pragma omp simd reduction(+ : ab)
-        for (int64_t e = 0; e < d; ++e) ab += a[e] * P.rb[e];
-        for (int64_t m = 0; m < d; ++m) {
-          lq[m] += qx[i * d + m];
-          lk[m] += kx[i * d + m];
-          lv[m] += vx[i * d + m];
+        for (int64_t c = 0; c < C; ++c) {
+          S* h = hT + (n0 + c) * d;
+          if (R.at(t, n0 + c)) std::fill(h, h + d, S(0));
+          std::copy(h, h + d, l + c * d);  // l is free until the products below
         }
-        softmax_rows<2, S>(lq, {qs + i * d, ks + i * d}, d);  // lq, lk are consecutive
-        betas[i] = sigmoid(bx[i] + ab);
-        const S* src = reset ? nullptr : t == 0 ? W0 + n * d * d : W;
-        step(src, W, t, n, w, d, d, vbar + i * d, u, qs + i * d, y + i * d);
-        std::copy(y + i * d, y + (i + 1) * d, h);
+        tanh_array(l, a, C * d);
+        for (int64_t head = 0; head < H; ++head) {
+          const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, head, d);
+          for (int64_t c = head; c < C; c += H) {
+            const int64_t i = t * N + n0 + c;
+            S *lq = l + 2 * c * d, *lk = lq + d, *lv = vs + i * d;
+            const S* ac = a + c * d;
+            read_many<S, 3>({P.Rq, P.Rk, P.Rv}, ac, {lq, lk, lv}, d, d);
+            S ab = 0;
+#pragma omp simd reduction(+ : ab)
+            for (int64_t e = 0; e < d; ++e) ab += ac[e] * P.rb[e];
+            beta[c] = bx[i] + ab;
+            for (int64_t m = 0; m < d; ++m) {
+              lq[m] += qx[i * d + m];
+              lk[m] += kx[i * d + m];
+              lv[m] += vx[i * d + m];
+            }
+          }
+        }
+        softmax_rows(l, 2 * C, d);
+        sigmoid_array(beta, beta, C);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t n = n0 + c, i = t * N + n;
+          S *W = WT + n * d * d, *h = hT + n * d;
+          std::copy(l + 2 * c * d, l + (2 * c + 1) * d, qs + i * d);
+          std::copy(l + (2 * c + 1) * d, l + (2 * c + 2) * d, ks + i * d);
+          betas[i] = beta[c];
+          const S* src = R.at(t, n) ? nullptr : t == 0 ? W0 + n * d * d : W;
+          step(src, W, t, n, w, d, d, vbar + i * d, u, qs + i * d, y + i * d);
+          std::copy(y + i * d, y + (i + 1) * d, h);
+        }
       }
     });
   });
