@@ -181,8 +181,10 @@ struct Bindings {
     const Alloc a{poison};
     Tensor dqx = a.like(qs), dkx = a.like(qs), dvx = a.like(qs), dbx = a.like(betas), dRq = a.like(Rq),
            dRk = a.like(Rk), dRv = a.like(Rv), drb = a.like(rb), dW0 = a.like(W0), dh0 = a.like(h0);
-    // per-sample partial gradients of the per-head slow weights, summed over the batch in a fixed order
-    Tensor dR_part = a.shaped(Rq, {3, d.B, d.H, d.E, d.E}), drb_part = a.like(h0);
+    // partial gradients of the per-head slow weights (per sample on CUDA, per group of samples on the CPU),
+    // summed in a fixed order
+    const int64_t P = Impl::rdn_partials(d.B);
+    Tensor dR_part = a.shaped(Rq, {3, P, d.H, d.E, d.E}), drb_part = a.shaped(rb, {P, d.H, d.E});
     Impl::dispatch(qs.scalar_type(), [&](auto s) {
       using S = decltype(s);
       Impl::rdn_backward(d, r, p<S>(Rq), p<S>(Rk), p<S>(Rv), p<S>(rb), p<S>(W0), p<S>(h0), p<S>(y), p<S>(WT),

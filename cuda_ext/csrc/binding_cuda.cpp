@@ -47,6 +47,7 @@ struct CudaImpl {
     ok(rfwp_rdn_forward(d.T, d.B, d.H, d.E, bytes(r), qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0, y, WT, hT, qs, ks, vs,
                         vbar, betas, st));
   }
+  static int64_t rdn_partials(int64_t B) { return B; }  // one slot of partial gradients per sample
   static void rdn_backward(const Dims& d, const bool* r, const float* Rq, const float* Rk, const float* Rv,
                            const float* rb, const float* W0, const float* h0, const float* y, const float* WT,
                            const float* qs, const float* ks, const float* vs, const float* vbar, const float* betas,

@@ -486,18 +486,20 @@ RdnSlow<S> rdn_head(const S* Rq, const S* Rk, const S* Rv, const S* rb, int64_t 
   return {Rq + h * d * d, Rk + h * d * d, Rv + h * d * d, rb + h * d};
 }
 
+constexpr int64_t kRdnGroup = 8;  // samples per group of chains in the forward and backward loops
+
 template <class S>
 void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, const S* vx, const S* bx, const S* Rq,
                  const S* Rk, const S* Rv, const S* rb, const S* W0, const S* h0, S* y, S* WT, S* hT, S* qs,
                  S* ks, S* vs, S* vbar, S* betas) {
   const int64_t N = D.N(), H = D.H;
   const Writes<S> w{{ks, N, D.E, 0}, {vs, N, D.E, 0}, {vbar, N, D.E, 0}, {betas, N, 1, 0}, D.E, D.E};
-  // The chains go in groups of up to G samples with all their heads (consecutive in memory, so the fast
-  // weights stream through in order). Each phase of a step (tanh, the slow products, the softmaxes, the
+  // The chains go in groups of up to G = kRdnGroup samples with all their heads (consecutive in memory, so the
+  // fast weights stream through in order). Each phase of a step (tanh, the slow products, the softmaxes, the
   // sigmoid) runs for the whole group before the next, so that the chains' short dependency chains overlap,
   // and the slow products go head by head, so that Rq, Rk, Rv of a head (12 KB at d = 32) are read from L1 by
   // every sample of the group in a row.
-  constexpr int64_t G = 8;
+  constexpr int64_t G = kRdnGroup;
   with_dims(D.E, D.E, [&](auto size, auto) {
     const int64_t d = size;
     for_chains<S>((D.B + G - 1) / G, D.T * G * H * d * d * 6, G * H * (3 * d + 1) + d, [&](int64_t j, S* scratch) {
@@ -548,64 +550,73 @@ void rdn_forward_loop(const Dims& D, const Resets& R, const S* qx, const S* kx, 
   });
 }
 
-// dRq etc. are per-chain partials [N, d, d] (summed over the batch by the caller in a fixed order).
+// The backward goes through the chains in items of up to kRdnGroup samples of one head, one chain after the
+// other, and sums the item's gradients of the slow weights in its own slot of dRq_p, dRk_p, dRv_p [P, H, d, d]
+// and drb_p [P, H, d] (P = rdn_partials(B) groups of samples); the caller sums the slots in a fixed order.
+// The items do not depend on the thread count, so the gradients are the same bitwise on any machine.
+inline int64_t rdn_partials(int64_t B) { return (B + kRdnGroup - 1) / kRdnGroup; }
+
 template <class S>
 void rdn_backward_loop(const Dims& D, const Resets& R, const S* Rq, const S* Rk, const S* Rv, const S* rb, const S* W0,
                   const S* h0, const S* y, const S* WT, const S* qs, const S* ks, const S* vs, const S* vbar,
                   const S* betas, const S* gy, const S* gWT, const S* ghT, S* dqx, S* dkx, S* dvx, S* dbx,
-                  S* dRq_n, S* dRk_n, S* dRv_n, S* drb_n, S* dW0, S* dh0) {
-  const int64_t d = D.E, N = D.N();
+                  S* dRq_p, S* dRk_p, S* dRv_p, S* drb_p, S* dW0, S* dh0) {
+  const int64_t d = D.E, N = D.N(), H = D.H;
   const Writes<S> w{{ks, N, d, 0}, {vs, N, d, 0}, {vbar, N, d, 0}, {betas, N, 1, 0}, d, d};
-  for_chains<S>(N, D.T * d * d * 14, 2 * d * d + 7 * d, [&](int64_t n, S* scratch) {
-    const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, n % D.H, d);
-    Carve<S> c{scratch};
-    S *W = c.copy(WT + n * d * d, d * d), *G = c.copy(gWT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
-    S *a = c.take(d), *dq = c.take(d), *dk = c.take(d), *u = c.take(d), *du = c.take(d), *da = c.take(d);
-    S *dRq = dRq_n + n * d * d, *dRk = dRk_n + n * d * d, *dRv = dRv_n + n * d * d, *drb = drb_n + n * d;
+  const int64_t items = rdn_partials(D.B) * H;
+  for_chains<S>(items, kRdnGroup * D.T * d * d * 14, 2 * d * d + 7 * d, [&](int64_t item, S* scratch) {
+    const int64_t head = item % H, b0 = item / H * kRdnGroup, samples = std::min(kRdnGroup, D.B - b0);
+    const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, head, d);
+    S *dRq = dRq_p + item * d * d, *dRk = dRk_p + item * d * d, *dRv = dRv_p + item * d * d, *drb = drb_p + item * d;
     std::fill(dRq, dRq + d * d, S(0)), std::fill(dRk, dRk + d * d, S(0)), std::fill(dRv, dRv + d * d, S(0));
     std::fill(drb, drb + d, S(0));
-    for (int64_t t = D.T - 1; t >= 0; --t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      const S* hprev = t > 0 ? y + (i - N) * d : h0 + n * d;
-      for (int64_t e = 0; e < d; ++e) {
-        a[e] = reset ? S(0) : std::tanh(hprev[e]);
-        delta[e] += gy[i * d + e];
+    for (int64_t n = b0 * H + head; n < (b0 + samples) * H; n += H) {
+      Carve<S> c{scratch};
+      S *W = c.copy(WT + n * d * d, d * d), *G = c.copy(gWT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
+      S *a = c.take(d), *dq = c.take(d), *dk = c.take(d), *u = c.take(d), *du = c.take(d), *da = c.take(d);
+      for (int64_t t = D.T - 1; t >= 0; --t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        if (reset)
+          std::fill(a, a + d, S(0));
+        else
+          tanh_array(t > 0 ? y + (i - N) * d : h0 + n * d, a, d);  // as the forward computed it
+        for (int64_t e = 0; e < d; ++e) delta[e] += gy[i * d + e];
+        apply(W, delta, dq, d, d);  // dq = W_t delta
+        softmax_backward(qs + i * d, dq, dqx + i * d, d);
+        add_outer(G, qs + i * d, delta, d, d);
+        S db;
+        write_backward(W, G, W0 + n * d * d, t, n, R, w, dk, dvx + i * d, &db, u, du);
+        const S b = betas[i];
+        dbx[i] = b * (S(1) - b) * db;
+        softmax_backward(ks + i * d, dk, dkx + i * d, d);
+        apply(P.Rq, dqx + i * d, da, d, d);
+        apply(P.Rk, dkx + i * d, da, d, d, true);
+        apply(P.Rv, dvx + i * d, da, d, d, true);
+        add_outer(dRq, a, dqx + i * d, d, d);
+        add_outer(dRk, a, dkx + i * d, d, d);
+        add_outer(dRv, a, dvx + i * d, d, d);
+        for (int64_t e = 0; e < d; ++e) {
+          drb[e] += a[e] * dbx[i];
+          // a = tanh(h_{t-1}); after a reset h_{t-1} was replaced by zeros and gets no gradient
+          delta[e] = reset ? S(0) : (S(1) - a[e] * a[e]) * (da[e] + P.rb[e] * dbx[i]);
+        }
       }
-      apply(W, delta, dq, d, d);  // dq = W_t delta
-      softmax_backward(qs + i * d, dq, dqx + i * d, d);
-      add_outer(G, qs + i * d, delta, d, d);
-      S db;
-      write_backward(W, G, W0 + n * d * d, t, n, R, w, dk, dvx + i * d, &db, u, du);
-      const S b = betas[i];
-      dbx[i] = b * (S(1) - b) * db;
-      softmax_backward(ks + i * d, dk, dkx + i * d, d);
-      apply(P.Rq, dqx + i * d, da, d, d);
-      apply(P.Rk, dkx + i * d, da, d, d, true);
-      apply(P.Rv, dvx + i * d, da, d, d, true);
-      add_outer(dRq, a, dqx + i * d, d, d);
-      add_outer(dRk, a, dkx + i * d, d, d);
-      add_outer(dRv, a, dvx + i * d, d, d);
-      for (int64_t e = 0; e < d; ++e) {
-        drb[e] += a[e] * dbx[i];
-        // a = tanh(h_{t-1}); after a reset h_{t-1} was replaced by zeros and gets no gradient
-        delta[e] = reset ? S(0) : (S(1) - a[e] * a[e]) * (da[e] + P.rb[e] * dbx[i]);
-      }
+      std::copy(G, G + d * d, dW0 + n * d * d);
+      std::copy(delta, delta + d, dh0 + n * d);
     }
-    std::copy(G, G + d * d, dW0 + n * d * d);
-    std::copy(delta, delta + d, dh0 + n * d);
   });
 }
 
-// out[h] = sum_b part[b, h] in the order b = 0, 1, ... (deterministic), for part [B, H, size].
+// out[h] = sum_p part[p, h] in the order p = 0, 1, ... (deterministic), for part [P, H, size].
 template <class S>
-void sum_over_batch(const S* part, S* out, int64_t B, int64_t H, int64_t size) {
+void sum_partials(const S* part, S* out, int64_t P, int64_t H, int64_t size) {
   const int64_t n = H * size;
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     std::copy(part + begin, part + end, out + begin);
-    for (int64_t b = 1; b < B; ++b) {
-      const S* p = part + b * n;
-      for (int64_t j = begin; j < end; ++j) out[j] += p[j];
+    for (int64_t i = 1; i < P; ++i) {
+      const S* slot = part + i * n;
+      for (int64_t j = begin; j < end; ++j) out[j] += slot[j];
     }
   });
 }
@@ -805,14 +816,16 @@ struct CpuImpl {
                            const S* vbar, const S* betas, const S* gy, const S* gWT, const S* ghT, S* dqx, S* dkx,
                            S* dvx, S* dbx, S* dRq, S* dRk, S* dRv, S* drb, S* dW0, S* dh0, S* dR_part, S* drb_part,
                            void*) {
-    const int64_t Ndd = d.N() * d.E * d.E, dd = d.E * d.E;
+    const int64_t P = rdn_partials(d.B), slots = P * d.H * d.E * d.E, dd = d.E * d.E;
     rdn_backward_loop<S>(d, {r, d.B, d.H}, Rq, Rk, Rv, rb, W0, h0, y, WT, qs, ks, vs, vbar, betas, gy, gWT, ghT,
-                         dqx, dkx, dvx, dbx, dR_part, dR_part + Ndd, dR_part + 2 * Ndd, drb_part, dW0, dh0);
-    sum_over_batch<S>(dR_part, dRq, d.B, d.H, dd);
-    sum_over_batch<S>(dR_part + Ndd, dRk, d.B, d.H, dd);
-    sum_over_batch<S>(dR_part + 2 * Ndd, dRv, d.B, d.H, dd);
-    sum_over_batch<S>(drb_part, drb, d.B, d.H, d.E);
+                         dqx, dkx, dvx, dbx, dR_part, dR_part + slots, dR_part + 2 * slots, drb_part, dW0, dh0);
+    sum_partials<S>(dR_part, dRq, P, d.H, dd);
+    sum_partials<S>(dR_part + slots, dRk, P, d.H, dd);
+    sum_partials<S>(dR_part + 2 * slots, dRv, P, d.H, dd);
+    sum_partials<S>(drb_part, drb, P, d.H, d.E);
   }
+  // slots of partial gradients of the slow weights that rdn_backward needs (rdn_backward_loop)
+  static int64_t rdn_partials(int64_t B) { return rfwp::rdn_partials(B); }
   template <class S>
   static void delta_rnn_forward(const Dims& d, const bool* r, const S* z, const S* kr, const S* vr, const S* br,
                                 const S* R0, const S* h0, S* y, S* RT, S* hT, S* vbar, void*) {
