@@ -141,16 +141,36 @@ RFWP_INLINE void read(const S* __restrict__ W, const S* __restrict__ x, S* __res
   read_many<S, 1>({W}, x, {y}, E, M);
 }
 
-// y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). `omp simd` lets the
-// compiler split the sum into vector lanes (an order fixed at compile time, so results stay reproducible).
+// The sum of a vector's lanes, halves added pairwise (a fixed order, so results stay reproducible).
+template <class S>
+RFWP_INLINE S lane_sum(Vec<S> v) {
+  S s[kLanes<S>];
+  std::memcpy(s, &v, sizeof v);
+  for (int64_t width = kLanes<S> / 2; width >= 1; width /= 2)
+    for (int64_t l = 0; l < width; ++l) s[l] += s[l + width];
+  return s[0];
+}
+
+// y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). Each row's products go
+// into two vector sums, added across lanes at the end; the rows are independent, so the CPU overlaps them.
 template <class S>
 RFWP_INLINE void apply(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M,
-           bool accumulate = false) {
+                       bool accumulate = false) {
+  constexpr int64_t L = kLanes<S>;
   for (int64_t e = 0; e < E; ++e) {
     const S* w = W + e * M;
-    S s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t m = 0; m < M; ++m) s += w[m] * x[m];
+    Vec<S> sum[2] = {};
+    int64_t m = 0;
+    for (; m + 2 * L <= M; m += 2 * L) {
+      sum[0] += load(w + m) * load(x + m);
+      sum[1] += load(w + m + L) * load(x + m + L);
+    }
+    if (m + L <= M) {
+      sum[0] += load(w + m) * load(x + m);
+      m += L;
+    }
+    S s = lane_sum<S>(sum[0] + sum[1]);
+    for (; m < M; ++m) s += w[m] * x[m];
     y[e] = accumulate ? y[e] + s : s;
   }
 }
@@ -362,10 +382,10 @@ void replay(S* W, const S* W0, int64_t t, int64_t n, const Resets& R, const Writ
 // Backward of the write of step t (models.md §5.1, §5.2). On entry W = W_t and G = dL/dW_t including the
 // reads of step t; writes dk_t, dv_t and (delta rule) dbeta_t; on exit W = W_{t-1} and G = dL/dW_{t-1}.
 // At a reset step the earlier state influenced nothing: G <- 0 and W is replayed.
+// E, M: the sizes, passed by callers that know them at compile time.
 template <class S>
-void write_backward(S* W, S* G, const S* W0, int64_t t, int64_t n, const Resets& R, const Writes<S>& w, S* dk,
-                    S* dv, S* dbeta, S* u, S* du) {
-  const int64_t E = w.E, M = w.M;
+RFWP_INLINE void write_backward(S* W, S* G, const S* W0, int64_t t, int64_t n, const Resets& R, const Writes<S>& w,
+                                int64_t E, int64_t M, S* dk, S* dv, S* dbeta, S* u, S* du) {
   const S* k = w.k.at(t, n);
   w.u(t, n, u, M);
   read(G, k, du, E, M);  // du = G^T k
@@ -458,19 +478,23 @@ void linear_forward_loop(const Dims& d, const Resets& R, const S* q, const Write
 template <class S>
 void linear_backward_loop(const Dims& d, const Resets& R, const S* q, const Writes<S>& w, const S* W0, const S* WT,
                      const S* gy, const S* gWT, S* dq, S* dk, S* dv, S* dbeta, S* dW0) {
-  const int64_t E = d.E, M = d.M, N = d.N();
-  for_chains<S>(N, d.T * E * M * 7, E * M + 2 * M, [&](int64_t n, S* scratch) {
-    Carve<S> c{scratch};
-    S *W = c.copy(WT + n * E * M, E * M), *u = c.take(M), *du = c.take(M);
-    S* G = dW0 + n * E * M;  // dL/dW_t evolves in the output buffer and ends as dL/dW0
-    std::copy(gWT + n * E * M, gWT + (n + 1) * E * M, G);
-    for (int64_t t = d.T - 1; t >= 0; --t) {
-      const int64_t i = t * N + n;
-      const S* g = gy + i * M;
-      apply(W, g, dq + i * E, E, M);     // dq_t = W_t g_t
-      add_outer(G, q + i * E, g, E, M);  // y_t = W_t^T q_t
-      write_backward(W, G, W0 + n * E * M, t, n, R, w, dk + i * E, dv + i * M, dbeta ? dbeta + i : nullptr, u, du);
-    }
+  const int64_t N = d.N();
+  with_dims(d.E, d.M, [&](auto E_, auto M_) {
+    const int64_t E = E_, M = M_;
+    for_chains<S>(N, d.T * E * M * 7, E * M + 2 * M, [&](int64_t n, S* scratch) {
+      Carve<S> c{scratch};
+      S *W = c.copy(WT + n * E * M, E * M), *u = c.take(M), *du = c.take(M);
+      S* G = dW0 + n * E * M;  // dL/dW_t evolves in the output buffer and ends as dL/dW0
+      std::copy(gWT + n * E * M, gWT + (n + 1) * E * M, G);
+      for (int64_t t = d.T - 1; t >= 0; --t) {
+        const int64_t i = t * N + n;
+        const S* g = gy + i * M;
+        apply(W, g, dq + i * E, E, M);     // dq_t = W_t g_t
+        add_outer(G, q + i * E, g, E, M);  // y_t = W_t^T q_t
+        write_backward(W, G, W0 + n * E * M, t, n, R, w, E, M, dk + i * E, dv + i * M, dbeta ? dbeta + i : nullptr,
+                       u, du);
+      }
+    });
   });
 }
 
@@ -561,50 +585,52 @@ void rdn_backward_loop(const Dims& D, const Resets& R, const S* Rq, const S* Rk,
                   const S* h0, const S* y, const S* WT, const S* qs, const S* ks, const S* vs, const S* vbar,
                   const S* betas, const S* gy, const S* gWT, const S* ghT, S* dqx, S* dkx, S* dvx, S* dbx,
                   S* dRq_p, S* dRk_p, S* dRv_p, S* drb_p, S* dW0, S* dh0) {
-  const int64_t d = D.E, N = D.N(), H = D.H;
-  const Writes<S> w{{ks, N, d, 0}, {vs, N, d, 0}, {vbar, N, d, 0}, {betas, N, 1, 0}, d, d};
-  const int64_t items = rdn_partials(D.B) * H;
-  for_chains<S>(items, kRdnGroup * D.T * d * d * 14, 2 * d * d + 7 * d, [&](int64_t item, S* scratch) {
-    const int64_t head = item % H, b0 = item / H * kRdnGroup, samples = std::min(kRdnGroup, D.B - b0);
-    const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, head, d);
-    S *dRq = dRq_p + item * d * d, *dRk = dRk_p + item * d * d, *dRv = dRv_p + item * d * d, *drb = drb_p + item * d;
-    std::fill(dRq, dRq + d * d, S(0)), std::fill(dRk, dRk + d * d, S(0)), std::fill(dRv, dRv + d * d, S(0));
-    std::fill(drb, drb + d, S(0));
-    for (int64_t n = b0 * H + head; n < (b0 + samples) * H; n += H) {
-      Carve<S> c{scratch};
-      S *W = c.copy(WT + n * d * d, d * d), *G = c.copy(gWT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
-      S *a = c.take(d), *dq = c.take(d), *dk = c.take(d), *u = c.take(d), *du = c.take(d), *da = c.take(d);
-      for (int64_t t = D.T - 1; t >= 0; --t) {
-        const int64_t i = t * N + n;
-        const bool reset = R.at(t, n);
-        if (reset)
-          std::fill(a, a + d, S(0));
-        else
-          tanh_array(t > 0 ? y + (i - N) * d : h0 + n * d, a, d);  // as the forward computed it
-        for (int64_t e = 0; e < d; ++e) delta[e] += gy[i * d + e];
-        apply(W, delta, dq, d, d);  // dq = W_t delta
-        softmax_backward(qs + i * d, dq, dqx + i * d, d);
-        add_outer(G, qs + i * d, delta, d, d);
-        S db;
-        write_backward(W, G, W0 + n * d * d, t, n, R, w, dk, dvx + i * d, &db, u, du);
-        const S b = betas[i];
-        dbx[i] = b * (S(1) - b) * db;
-        softmax_backward(ks + i * d, dk, dkx + i * d, d);
-        apply(P.Rq, dqx + i * d, da, d, d);
-        apply(P.Rk, dkx + i * d, da, d, d, true);
-        apply(P.Rv, dvx + i * d, da, d, d, true);
-        add_outer(dRq, a, dqx + i * d, d, d);
-        add_outer(dRk, a, dkx + i * d, d, d);
-        add_outer(dRv, a, dvx + i * d, d, d);
-        for (int64_t e = 0; e < d; ++e) {
-          drb[e] += a[e] * dbx[i];
-          // a = tanh(h_{t-1}); after a reset h_{t-1} was replaced by zeros and gets no gradient
-          delta[e] = reset ? S(0) : (S(1) - a[e] * a[e]) * (da[e] + P.rb[e] * dbx[i]);
+  const int64_t N = D.N(), H = D.H, items = rdn_partials(D.B) * H;
+  const Writes<S> w{{ks, N, D.E, 0}, {vs, N, D.E, 0}, {vbar, N, D.E, 0}, {betas, N, 1, 0}, D.E, D.E};
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size;
+    for_chains<S>(items, kRdnGroup * D.T * d * d * 14, 2 * d * d + 7 * d, [&](int64_t item, S* scratch) {
+      const int64_t head = item % H, b0 = item / H * kRdnGroup, samples = std::min(kRdnGroup, D.B - b0);
+      const RdnSlow<S> P = rdn_head(Rq, Rk, Rv, rb, head, d);
+      S *dRq = dRq_p + item * d * d, *dRk = dRk_p + item * d * d, *dRv = dRv_p + item * d * d, *drb = drb_p + item * d;
+      std::fill(dRq, dRq + d * d, S(0)), std::fill(dRk, dRk + d * d, S(0)), std::fill(dRv, dRv + d * d, S(0));
+      std::fill(drb, drb + d, S(0));
+      for (int64_t n = b0 * H + head; n < (b0 + samples) * H; n += H) {
+        Carve<S> c{scratch};
+        S *W = c.copy(WT + n * d * d, d * d), *G = c.copy(gWT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
+        S *a = c.take(d), *dq = c.take(d), *dk = c.take(d), *u = c.take(d), *du = c.take(d), *da = c.take(d);
+        for (int64_t t = D.T - 1; t >= 0; --t) {
+          const int64_t i = t * N + n;
+          const bool reset = R.at(t, n);
+          if (reset)
+            std::fill(a, a + d, S(0));
+          else
+            tanh_array(t > 0 ? y + (i - N) * d : h0 + n * d, a, d);  // as the forward computed it
+          for (int64_t e = 0; e < d; ++e) delta[e] += gy[i * d + e];
+          apply(W, delta, dq, d, d);  // dq = W_t delta
+          softmax_backward(qs + i * d, dq, dqx + i * d, d);
+          add_outer(G, qs + i * d, delta, d, d);
+          S db;
+          write_backward(W, G, W0 + n * d * d, t, n, R, w, d, d, dk, dvx + i * d, &db, u, du);
+          const S b = betas[i];
+          dbx[i] = b * (S(1) - b) * db;
+          softmax_backward(ks + i * d, dk, dkx + i * d, d);
+          apply(P.Rq, dqx + i * d, da, d, d);
+          apply(P.Rk, dkx + i * d, da, d, d, true);
+          apply(P.Rv, dvx + i * d, da, d, d, true);
+          add_outer(dRq, a, dqx + i * d, d, d);
+          add_outer(dRk, a, dkx + i * d, d, d);
+          add_outer(dRv, a, dvx + i * d, d, d);
+          for (int64_t e = 0; e < d; ++e) {
+            drb[e] += a[e] * dbx[i];
+            // a = tanh(h_{t-1}); after a reset h_{t-1} was replaced by zeros and gets no gradient
+            delta[e] = reset ? S(0) : (S(1) - a[e] * a[e]) * (da[e] + P.rb[e] * dbx[i]);
+          }
         }
+        std::copy(G, G + d * d, dW0 + n * d * d);
+        std::copy(delta, delta + d, dh0 + n * d);
       }
-      std::copy(G, G + d * d, dW0 + n * d * d);
-      std::copy(delta, delta + d, dh0 + n * d);
-    }
+    });
   });
 }
 
@@ -649,25 +675,28 @@ template <class S>
 void drnn_backward_loop(const Dims& D, const Resets& R, const Writes<S>& w, const S* R0, const S* h0, const S* y,
                    const S* RT, const S* gy, const S* gRT, const S* ghT, S* dz, S* dkr, S* dvr, S* dbr, S* dR0,
                    S* dh0) {
-  const int64_t d = D.E, N = D.N();
-  for_chains<S>(N, D.T * d * d * 8, 2 * d * d + 6 * d, [&](int64_t n, S* scratch) {
-    Carve<S> c{scratch};
-    S *Rm = c.copy(RT + n * d * d, d * d), *G = c.copy(gRT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
-    S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
-    for (int64_t t = D.T - 1; t >= 0; --t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
-      softmax(hp, s, d);
-      for (int64_t m = 0; m < d; ++m) dz[i * d + m] = (delta[m] += gy[i * d + m]);
-      apply(Rm, delta, ds, d, d);  // ds = R_t delta
-      add_outer(G, s, delta, d, d);
-      write_backward(Rm, G, R0 + n * d * d, t, n, R, w, dkr + i * d, dvr + i * d, dbr + i, u, du);
-      softmax_backward(s, ds, delta, d);
-      if (reset) std::fill(delta, delta + d, S(0));
-    }
-    std::copy(G, G + d * d, dR0 + n * d * d);
-    std::copy(delta, delta + d, dh0 + n * d);
+  const int64_t N = D.N();
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size;
+    for_chains<S>(N, D.T * d * d * 8, 2 * d * d + 6 * d, [&](int64_t n, S* scratch) {
+      Carve<S> c{scratch};
+      S *Rm = c.copy(RT + n * d * d, d * d), *G = c.copy(gRT + n * d * d, d * d), *delta = c.copy(ghT + n * d, d);
+      S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
+      for (int64_t t = D.T - 1; t >= 0; --t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
+        softmax(hp, s, d);
+        for (int64_t m = 0; m < d; ++m) dz[i * d + m] = (delta[m] += gy[i * d + m]);
+        apply(Rm, delta, ds, d, d);  // ds = R_t delta
+        add_outer(G, s, delta, d, d);
+        write_backward(Rm, G, R0 + n * d * d, t, n, R, w, d, d, dkr + i * d, dvr + i * d, dbr + i, u, du);
+        softmax_backward(s, ds, delta, d);
+        if (reset) std::fill(delta, delta + d, S(0));
+      }
+      std::copy(G, G + d * d, dR0 + n * d * d);
+      std::copy(delta, delta + d, dh0 + n * d);
+    });
   });
 }
 
@@ -727,42 +756,45 @@ void dlstm_backward_loop(const Dims& D, const Resets& R, const S* kr, const S* v
                     const S* h0, const S* c0, const S* y, const S* RT, const S* vbar, const S* gates, const S* cs,
                     const S* gy, const S* gRT, const S* ghT, const S* gcT, S* dz, S* dkr, S* dvr, S* dbr, S* dR0,
                     S* dh0, S* dc0) {
-  const int64_t d = D.E, N = D.N(), dd = d * d;
-  const auto w = lstm_writes(kr, vr, br, vbar, N, d);
-  for_chains<S>(N, D.T * dd * 24, 6 * dd + 7 * d, [&](int64_t n, S* scratch) {
-    Carve<S> c{scratch};
-    S *Rm = c.copy(RT + n * 3 * dd, 3 * dd), *G = c.copy(gRT + n * 3 * dd, 3 * dd);
-    S *delta = c.copy(ghT + n * d, d), *dc = c.copy(gcT + n * d, d);
-    S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
-    for (int64_t t = D.T - 1; t >= 0; --t) {
-      const int64_t i = t * N + n;
-      const bool reset = R.at(t, n);
-      load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
-      softmax(hp, s, d);
-      const S* cprev = t > 0 ? cs + (i - N) * d : c0 + n * d;
-      const S* gt = gates + i * 3 * d;
-      S* dpre = dz + i * 3 * d;  // dL/dz_g = dL/d(pre-activation of gate g)
-      for (int64_t m = 0; m < d; ++m) {
-        const S ig = gt[m], ug = gt[d + m], og = gt[2 * d + m], cp = reset ? S(0) : cprev[m];
-        const S dy = delta[m] + gy[i * d + m];
-        const S dct = dc[m] + dy * og;
-        dpre[m] = dct * (ug - cp) * ig * (S(1) - ig);
-        dpre[d + m] = dct * ig;
-        dpre[2 * d + m] = dy * cs[i * d + m] * og * (S(1) - og);
-        dc[m] = reset ? S(0) : dct * (S(1) - ig);
+  const int64_t N = D.N();
+  const auto w = lstm_writes(kr, vr, br, vbar, N, D.E);
+  with_dims(D.E, D.E, [&](auto size, auto) {
+    const int64_t d = size, dd = d * d;
+    for_chains<S>(N, D.T * dd * 24, 6 * dd + 7 * d, [&](int64_t n, S* scratch) {
+      Carve<S> c{scratch};
+      S *Rm = c.copy(RT + n * 3 * dd, 3 * dd), *G = c.copy(gRT + n * 3 * dd, 3 * dd);
+      S *delta = c.copy(ghT + n * d, d), *dc = c.copy(gcT + n * d, d);
+      S *hp = c.take(d), *s = c.take(d), *ds = c.take(d), *u = c.take(d), *du = c.take(d);
+      for (int64_t t = D.T - 1; t >= 0; --t) {
+        const int64_t i = t * N + n;
+        const bool reset = R.at(t, n);
+        load_or_zero(hp, t > 0 ? y + (i - N) * d : h0 + n * d, d, reset);
+        softmax(hp, s, d);
+        const S* cprev = t > 0 ? cs + (i - N) * d : c0 + n * d;
+        const S* gt = gates + i * 3 * d;
+        S* dpre = dz + i * 3 * d;  // dL/dz_g = dL/d(pre-activation of gate g)
+        for (int64_t m = 0; m < d; ++m) {
+          const S ig = gt[m], ug = gt[d + m], og = gt[2 * d + m], cp = reset ? S(0) : cprev[m];
+          const S dy = delta[m] + gy[i * d + m];
+          const S dct = dc[m] + dy * og;
+          dpre[m] = dct * (ug - cp) * ig * (S(1) - ig);
+          dpre[d + m] = dct * ig;
+          dpre[2 * d + m] = dy * cs[i * d + m] * og * (S(1) - og);
+          dc[m] = reset ? S(0) : dct * (S(1) - ig);
+        }
+        for (int64_t g = 0; g < 3; ++g) {
+          apply(Rm + g * dd, dpre + g * d, ds, d, d, g > 0);  // ds = sum_g R_g,t dpre_g
+          add_outer(G + g * dd, s, dpre + g * d, d, d);
+          write_backward(Rm + g * dd, G + g * dd, R0 + n * 3 * dd + g * dd, t, n, R, w[g], d, d,
+                         dkr + (i * 3 + g) * d, dvr + (i * 3 + g) * d, dbr + i * 3 + g, u, du);
+        }
+        softmax_backward(s, ds, delta, d);
+        if (reset) std::fill(delta, delta + d, S(0));
       }
-      for (int64_t g = 0; g < 3; ++g) {
-        apply(Rm + g * dd, dpre + g * d, ds, d, d, g > 0);  // ds = sum_g R_g,t dpre_g
-        add_outer(G + g * dd, s, dpre + g * d, d, d);
-        write_backward(Rm + g * dd, G + g * dd, R0 + n * 3 * dd + g * dd, t, n, R, w[g],
-                       dkr + (i * 3 + g) * d, dvr + (i * 3 + g) * d, dbr + i * 3 + g, u, du);
-      }
-      softmax_backward(s, ds, delta, d);
-      if (reset) std::fill(delta, delta + d, S(0));
-    }
-    std::copy(G, G + 3 * dd, dR0 + n * 3 * dd);
-    std::copy(delta, delta + d, dh0 + n * d);
-    std::copy(dc, dc + d, dc0 + n * d);
+      std::copy(G, G + 3 * dd, dR0 + n * 3 * dd);
+      std::copy(delta, delta + d, dh0 + n * d);
+      std::copy(dc, dc + d, dc0 + n * d);
+    });
   });
 }
 
