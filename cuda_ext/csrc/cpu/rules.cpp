@@ -275,13 +275,6 @@ RFWP_INLINE void softmax_backward(const S* y, const S* dy, S* dx, int64_t d) {
 }
 
 template <class S>
-RFWP_INLINE S sigmoid(S x) {
-  S y;
-  sigmoid_array(&x, &y, 1);
-  return y;
-}
-
-template <class S>
 void load_or_zero(S* dst, const S* src, int64_t count, bool zero) {
   if (zero)
     std::fill(dst, dst + count, S(0));
