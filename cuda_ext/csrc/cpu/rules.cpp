@@ -8,10 +8,11 @@
 // layouts: docs/api.md. Every per-step tensor is contiguous [T, B, H, ...], so chain n = b*H + h of step t
 // starts at (t*N + n) * width.
 //
-// Speed (actors call the forward with T = 1 for every env step): the forward loops are compiled for head
-// sizes 16, 32 and 64 as constants (with_dims), the passes over a matrix keep their column sums in vector
-// registers (column_blocks), and the exps are an inlined polynomial that vectorizes; built with AVX2 and FMA
-// where the CPU has them (loader.py). A single step then costs about one read and one write of the state.
+// Speed (actors call the forward with T = 1 for every env step): the loops are compiled for head sizes 16, 32
+// and 64 as constants (with_dims), the passes over a matrix keep their column sums in vector registers
+// (column_blocks), and the exps are an inlined polynomial that vectorizes; built with AVX2 and FMA where the
+// CPU has them (loader.py). A single step then costs about one read and one write of the state. RDN, whose
+// chains also multiply by slow per-head matrices, takes its chains in groups of samples (rdn_forward_loop).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
