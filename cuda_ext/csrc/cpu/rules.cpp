@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../binding.h"
@@ -152,26 +153,67 @@ RFWP_INLINE S lane_sum(Vec<S> v) {
   return s[0];
 }
 
-// y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). Each row's products go
-// into two vector sums, added across lanes at the end; the rows are independent, so the CPU overlaps them.
+// The lane sums of L = kLanes vectors r_0 .. r_{L-1} as one vector (lane i: the sum of r_i's lanes), by the
+// usual transpose-and-add: pairs of vectors are merged, adding neighbouring blocks of w lanes, for w = 1, 2,
+// .., L/2. Lane i of merge<w>(x, y) sums lanes base and base + w of x (blocks of 2w lanes whose first half
+// comes from x) or of y (second half), base = the start of its 2w-block plus i mod w.
+constexpr int64_t merge_index(int64_t i, int64_t w, int64_t L, bool high) {
+  return (i / (2 * w)) * (2 * w) + i % w + (high ? w : 0) + ((i / w) % 2 ? L : 0);
+}
+template <class S, int64_t w, size_t... I>
+RFWP_INLINE Vec<S> merge(Vec<S> x, Vec<S> y, std::index_sequence<I...>) {
+  constexpr int64_t L = sizeof...(I);
+#ifdef __clang__
+  return __builtin_shufflevector(x, y, merge_index(I, w, L, false)...) +
+         __builtin_shufflevector(x, y, merge_index(I, w, L, true)...);
+#else  // GCC before 12 has only __builtin_shuffle, with the lane indices as an integer vector
+  using Lane = std::conditional_t<sizeof(S) == 4, int32_t, int64_t>;
+  typedef Lane Index __attribute__((vector_size(kVectorBytes)));
+  constexpr Index low = {static_cast<Lane>(merge_index(I, w, L, false))...};
+  constexpr Index high = {static_cast<Lane>(merge_index(I, w, L, true))...};
+  return __builtin_shuffle(x, y, low) + __builtin_shuffle(x, y, high);
+#endif
+}
+template <class S, int64_t w = 1>
+RFWP_INLINE Vec<S> lane_sums(Vec<S>* r) {  // r: kLanes<S> vectors, overwritten
+  constexpr int64_t L = kLanes<S>;
+  if constexpr (w < L) {
+    for (int64_t j = 0; j < L / (2 * w); ++j)
+      r[j] = merge<S, w>(r[2 * j], r[2 * j + 1], std::make_index_sequence<L>{});
+    return lane_sums<S, 2 * w>(r);
+  } else {
+    return r[0];
+  }
+}
+
+// y[e] (+)= sum_m W[e][m] x[m]  (W x: a gradient flowing back into keys or queries). Rows go in blocks of
+// kLanes: each row's products are summed in one vector register, and the block's sums are added across lanes
+// together (lane_sums); leftover rows are summed one at a time. Every row's order is fixed by E and M.
 template <class S>
 RFWP_INLINE void apply(const S* __restrict__ W, const S* __restrict__ x, S* __restrict__ y, int64_t E, int64_t M,
                        bool accumulate = false) {
   constexpr int64_t L = kLanes<S>;
-  for (int64_t e = 0; e < E; ++e) {
-    const S* w = W + e * M;
-    Vec<S> sum[2] = {};
-    int64_t m = 0;
-    for (; m + 2 * L <= M; m += 2 * L) {
-      sum[0] += load(w + m) * load(x + m);
-      sum[1] += load(w + m + L) * load(x + m + L);
+  const int64_t vectors = M / L;
+  const auto tail = [&](int64_t e) RFWP_INLINE_LAMBDA {  // the columns after the last full vector
+    S s = 0;
+    for (int64_t m = vectors * L; m < M; ++m) s += W[e * M + m] * x[m];
+    return s;
+  };
+  int64_t e = 0;
+  for (; vectors > 0 && e + L <= E; e += L) {
+    Vec<S> sum[L] = {};
+    for (int64_t j = 0; j < vectors; ++j) {
+      const Vec<S> xj = load(x + j * L);
+      for (int64_t r = 0; r < L; ++r) sum[r] += load(W + (e + r) * M + j * L) * xj;
     }
-    if (m + L <= M) {
-      sum[0] += load(w + m) * load(x + m);
-      m += L;
-    }
-    S s = lane_sum<S>(sum[0] + sum[1]);
-    for (; m < M; ++m) s += w[m] * x[m];
+    Vec<S> s = lane_sums<S>(sum);
+    for (int64_t r = 0; r < L; ++r) s[r] += tail(e + r);
+    store(y + e, accumulate ? load(y + e) + s : s);
+  }
+  for (; e < E; ++e) {
+    Vec<S> sum = {};
+    for (int64_t j = 0; j < vectors; ++j) sum += load(W + e * M + j * L) * load(x + j * L);
+    const S s = lane_sum<S>(sum) + tail(e);
     y[e] = accumulate ? y[e] + s : s;
   }
 }
