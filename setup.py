@@ -44,7 +44,8 @@ setup(
     version="0.1.0",
     description="Recurrent fast weight programmers: IMPALA on Atari, fused kernels, supervised tasks",
     python_requires=">=3.10",
-    packages=find_packages(include=["agent*", "actors*", "learner*", "models*", "cuda_ext*", "tasks*", "bench*"]),
+    packages=find_packages(include=["agent*", "actors*", "learner*", "models*", "cuda_ext*", "tasks*", "bench*", "runio*",
+                                    "configs"]),
     package_data={"cuda_ext": ["csrc/*", "csrc/**/*"], "configs": ["*.yaml"], "tasks": ["samples/**/*"]},
     install_requires=[
         "torch==2.13.0",
@@ -58,6 +59,6 @@ setup(
         "pyyaml",
         "ninja",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "psutil"]},
     **kernel_extensions(),
 )

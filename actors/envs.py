@@ -163,6 +163,17 @@ def make_vector_env(game: str, num_envs: int, seed: int, **options) -> VectorEnv
     return AtariVector(game, num_envs, seed, **options)
 
 
+ENV_OPTION_KEYS = (
+    "sticky_actions", "noop_max", "frameskip", "frame_stack", "fire_reset", "episodic_life", "max_episode_frames"
+)
+
+
+def env_options(config: dict) -> dict:
+    """The environment protocol switches (keyword arguments of `make_vector_env`) that a run config sets; the
+    same for training, evaluation and replay of that run."""
+    return {key: config[key] for key in ENV_OPTION_KEYS}
+
+
 def env_spaces(game: str, **options) -> tuple[tuple[int, ...], int]:
     """(observation_shape, num_actions) of `game` under `options`, read from a throw-away one-env instance."""
     env = make_vector_env(game, 1, seed=0, **options)

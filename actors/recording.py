@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from actors.envs import make_vector_env
-from agent.files import atomic_path
+from actors.policy_step import PolicyStepper
 from models import PolicyNet
+from runio.files import atomic_path, write_json
 
 TRAJECTORY_FORMAT = 1
 ATARI_HZ = 60  # emulator frames per second: videos play in real time at 60 / frameskip agent steps per second
@@ -45,11 +46,6 @@ STEP_ARRAYS = {"actions": np.int64, "rewards": np.float32, "done": np.bool_, "pr
 
 class TrajectoryError(ValueError):
     """A recorded episode cannot be read or does not fit the policy it is compared with."""
-
-
-def write_json(data: dict, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 @dataclass
@@ -73,25 +69,11 @@ def observation_crc(obs: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(obs).tobytes())
 
 
-class PolicyStepper:
-    """Feeds one environment's steps to a `PolicyNet` one call at a time, carrying its core state (the actors'
-    path): the same inputs give bit-identical outputs in play and in replay."""
-
-    def __init__(self, net: PolicyNet, device: torch.device | str):
-        self.net, self.device = net, torch.device(device)
-        self.state = net.initial_state(1, self.device)
-
-    def __call__(self, obs: np.ndarray, reward: float, done: bool, last_action: int) -> tuple[torch.Tensor, float]:
-        """obs [*observation_shape] -> policy logits [A] (CPU float32) and the baseline value."""
-        with torch.inference_mode():
-            out, self.state = self.net(
-                torch.from_numpy(obs[None, None]).to(self.device),
-                torch.tensor([[reward]], dtype=torch.float32, device=self.device),
-                torch.tensor([[last_action]], dtype=torch.int64, device=self.device),
-                torch.tensor([[done]], dtype=torch.bool, device=self.device),
-                self.state,
-            )
-        return out["policy_logits"][0, 0].float().cpu(), float(out["baseline"][0, 0])
+def _step_one(stepper: PolicyStepper, obs: np.ndarray, reward: float, done: bool, last_action: int
+              ) -> tuple[torch.Tensor, float]:
+    """One environment's step (obs [1, *obs_shape]) -> its policy logits [A] and baseline value."""
+    logits, baseline = stepper(obs, np.array([reward], np.float32), np.array([done]), np.array([last_action]))
+    return logits[0], float(baseline[0])
 
 
 def play_episode(
@@ -110,7 +92,7 @@ def play_episode(
     """Play one game of `game` (an ALE ROM id or toy env name) from env seed `seed`.
 
     Args:
-        env_options: the run's protocol switches (`agent.config.ENV_OPTION_KEYS` of its config).
+        env_options: the run's protocol switches (`actors.envs.env_options` of its config).
         greedy: argmax actions (the paper's test protocol); otherwise actions are sampled from the policy with a
             generator seeded by `seed`.
         max_steps: stop after this many agent steps even if the game goes on (None: the ALE's frame limit).
@@ -121,7 +103,7 @@ def play_episode(
     """
     env = make_vector_env(game, 1, seed=seed, **env_options, record_screen=video_path is not None)
     generator = torch.Generator().manual_seed(seed)
-    stepper = PolicyStepper(net, device)
+    stepper = PolicyStepper(net, 1, device)
     steps: dict[str, list] = {key: [] for key in STEP_ARRAYS}
     life_returns: list[float] = []
     life_return, life_open, ended = 0.0, False, "max_steps"
@@ -135,7 +117,7 @@ def play_episode(
             while max_steps is None or len(steps["actions"]) < max_steps:
                 if video is not None:
                     video.write(cv2.cvtColor(env.screens[0], cv2.COLOR_RGB2BGR))
-                logits, value = stepper(obs[0], reward, done, last_action)
+                logits, value = _step_one(stepper, obs, reward, done, last_action)
                 probs = F.softmax(logits, dim=-1)
                 action = int(logits.argmax()) if greedy else int(torch.multinomial(probs, 1, generator=generator))
                 for key, item in (("done", done), ("actions", action), ("probs", probs.numpy()), ("values", value)):
@@ -298,7 +280,7 @@ def replay(net: PolicyNet, trajectory: Trajectory, device: torch.device | str = 
             f"{meta['num_actions']} actions, but the policy takes {tuple(net.observation_shape)} with "
             f"{net.num_actions}: compare checkpoints trained with the same environment options"
         )
-    stepper = PolicyStepper(net, device)
+    stepper = PolicyStepper(net, 1, device)
     greedy_actions: list[int] = []
     values: list[float] = []
     mismatch = None
@@ -308,7 +290,7 @@ def replay(net: PolicyNet, trajectory: Trajectory, device: torch.device | str = 
             mismatch = "the first observation differs (another seed, ROM or emulator version)"
         reward, done, last_action = 0.0, True, 0
         for t in range(len(trajectory.actions) if mismatch is None else 0):
-            logits, value = stepper(obs[0], reward, done, last_action)
+            logits, value = _step_one(stepper, obs, reward, done, last_action)
             greedy_actions.append(int(logits.argmax()))
             values.append(value)
             last_action = int(trajectory.actions[t])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -35,11 +34,12 @@ from actors.recording import (
     save_trajectory,
     write_json,
 )
-from agent.checkpoint import load_checkpoint, policy_from_checkpoint
-from agent.config import ENV_OPTION_KEYS, resolve_device
+from actors.envs import env_options
+from agent.config import ConfigError, resolve_device
+from learner.rl import CHECKPOINT_KEYS, policy_from_checkpoint
+from runio.checkpoint import CheckpointError, load_checkpoint
 from models import CORE_NAMES, PolicyNet
 
-CHECKPOINT_KEYS = ("learner", "config", "game", "model_spec")
 BOOTSTRAP_SAMPLES = 10_000
 PROGRESS_EVERY_STEPS = 500
 TRAJECTORY_FILES = ("episode_*.json", "episode_*.npz", "episode_*.mp4", "summary.json")
@@ -73,16 +73,10 @@ def load_evaluated_policy(path: Path, device: torch.device) -> tuple[PolicyNet, 
     """The policy of checkpoint `path` (eval mode, on `device`) and the checkpoint; EvaluationError if the file
     is unreadable, is not a training checkpoint, or needs a core or game this installation lacks."""
     try:
-        checkpoint = load_checkpoint(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvaluationError(
-            f"{path} is not a readable checkpoint ({reason}); the file may be truncated or corrupt: evaluate "
-            "another checkpoint of the run (checkpoint_<frames>.pt) or train again"
-        ) from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise EvaluationError(f"{path} is not a checkpoint of agent.train: it lacks {', '.join(missing)}")
+        checkpoint = load_checkpoint(path, required_keys=CHECKPOINT_KEYS)
+    except CheckpointError as e:
+        raise EvaluationError(f"{e}: evaluate another checkpoint of the run (checkpoint.prev.pt, "
+                              "checkpoint_<frames>.pt) or train again") from None
     core = checkpoint["model_spec"].get("core")
     if core not in CORE_NAMES:
         raise EvaluationError(
@@ -116,11 +110,6 @@ def describe(values: list[float], seed: int = 0) -> dict:
         "max": float(x.max()),
         "ci95": [float(v) for v in np.percentile(resampled, [2.5, 97.5])],
     }
-
-
-def env_options_of(checkpoint: dict) -> dict:
-    """The environment protocol the checkpoint's run trained with."""
-    return {key: checkpoint["config"][key] for key in ENV_OPTION_KEYS}
 
 
 def prepare_record_dir(directory: Path, game: str, overwrite: bool) -> None:
@@ -170,7 +159,7 @@ def evaluate_policy(
     return of each run of `episodes` games, and their mean and std), `games_cut_by_max_steps` and `episodes`
     (seed, return, per-life returns, steps and how each game ended).
     """
-    game, env_options = checkpoint["game"], env_options_of(checkpoint)
+    game, options = checkpoint["game"], env_options(checkpoint["config"])
     frames = int(checkpoint["learner"]["frames"])
     metas: list[dict] = []
     with tqdm(total=runs * episodes, desc=label, unit="game", dynamic_ncols=True) as bar:
@@ -182,7 +171,7 @@ def evaluate_policy(
         for i in range(runs * episodes):
             stem = f"episode_{i:04d}"
             trajectory = play_episode(
-                net, game, env_options, seed + i, greedy=greedy, max_steps=max_steps, device=device,
+                net, game, options, seed + i, greedy=greedy, max_steps=max_steps, device=device,
                 video_path=record_dir / f"{stem}.mp4" if record_dir is not None else None,
                 meta={"checkpoint": str(path), "frames": frames, "core": checkpoint["model_spec"]["core"]},
                 on_step=show_steps,
@@ -201,7 +190,7 @@ def evaluate_policy(
         "game": game,
         "core": checkpoint["model_spec"]["core"],
         "protocol": {"policy": "greedy" if greedy else "sampled", "episodes": episodes, "runs": runs, "seed": seed,
-                     "max_steps": max_steps, "env_options": env_options},
+                     "max_steps": max_steps, "env_options": options},
         "game_returns": describe(returns),
         "life_returns": describe([r for m in metas for r in m["life_returns"]]),
         "runs": {"means": run_means, "mean": float(np.mean(run_means)), "std": float(np.std(run_means))},
@@ -337,8 +326,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     paths = find_checkpoints(args.checkpoint)
     labels = labels_for(paths)
     try:
-        device = resolve_device(args.device)  # its ValueError names the bad device and the fix
-    except ValueError as e:
+        device = resolve_device(args.device)
+    except ConfigError as e:
         raise EvaluationError(str(e)) from None
     trajectories = None
     if args.episodes_dir is not None:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from agent.config import CONFIG_DIR, checked_value, load_yaml, resolve_device, save_config, unknown_key_error
-from agent.checkpoint import CheckpointMismatchError
+from agent.config import ConfigError, add_core_size_flags, check_ranges, load_defaults, merge_config, resolve_device
 from learner.supervised import SCHEDULES, LanguageModelTask, OptimConfig, TaggingTask, train
 from models.ops import BACKEND_NAMES
 from models.sequence import SUPERVISED_CORE_NAMES, LanguageModel, SequenceTagger, build_core
 from tasks.data import DataFileError, load_or_generate
+from runio.checkpoint import CheckpointMismatchError
+from runio.files import RunFileError, write_yaml
+from runio.lock import RunLock, RunLockedError
 from tasks.wikitext import load_corpus
 
 TASK_CONFIGS = {
@@ -33,8 +35,6 @@ TASK_CONFIGS = {
 # Keys that only one task reads: giving them for another task is an error rather than silently ignored.
 TASK_ONLY_KEYS = {"variables": "code_exec", "statements": "code_exec", "depth": "listops"}
 MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "ff_size")
-POSITIVE_INT_KEYS = ("hidden_size", "num_layers", "num_heads", "ff_size", "batch_size", "eval_batch_size",
-                     "log_every", "segment_len", "sliding_batch_size", "sliding_stride")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,50 +83,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train_args.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     train_args.add_argument("--backend", choices=BACKEND_NAMES, help="fast-weight rule backend (default: auto)")
     train_args.add_argument("--seed", type=int, help="seeds the model and the data order (defaults: 11, 1111)")
-    sizes = p.add_argument_group("model sizes", "defaults: 4 x 256, 16 heads, ff 1024, dropout 0.1 "
-                                 "(algorithmic); 16 x 128, 8 heads, ff 2048, dropout 0.1 (wikitext103)")
-    sizes.add_argument("--hidden-size", type=int, help="model width (heads split it evenly)")
-    sizes.add_argument("--num-layers", type=int, help="stacked blocks")
-    sizes.add_argument("--num-heads", type=int, help="fast-weight / attention heads")
-    sizes.add_argument("--ff-size", type=int, help="feed-forward width of each block")
-    sizes.add_argument("--dropout", type=float, help="dropout rate")
+    add_core_size_flags(p, (*MODEL_KEYS, "dropout"), "defaults: 4 x 256, 16 heads, ff 1024, dropout 0.1 "
+                        "(algorithmic); 16 x 128, 8 heads, ff 2048, dropout 0.1 (wikitext103)")
     return p.parse_args(argv)
 
 
 def resolve_config(task: str, config_file: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """The task's defaults, then `config_file`, then `overrides` (flag values; None = not given).
+    """The task's defaults, then `config_file`, then `overrides` (flag values; None = not given), merged and
+    checked by `agent.config.merge_config` like every entry point's.
 
-    Unknown keys, values of the wrong type, task parameters given for another task and inconsistent sizes raise
-    ValueError saying what to change.
+    Unknown keys, values of the wrong type or outside their range, task parameters given for another task and
+    inconsistent sizes raise ConfigError saying what to change, before any data is read.
     """
     if task not in TASK_CONFIGS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_CONFIGS)}")
-    defaults = load_yaml(CONFIG_DIR / TASK_CONFIGS[task])
-    config = dict(defaults)
-    file_values = load_yaml(config_file) if config_file is not None else {}
-    flag_values = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for source, values in ((str(config_file), file_values), ("the command line", flag_values)):
-        for key, value in values.items():
-            if key not in defaults:
-                raise unknown_key_error(key, list(defaults), source)
-            if TASK_ONLY_KEYS.get(key, task) != task:
-                raise ValueError(f"{key} is a parameter of --task {TASK_ONLY_KEYS[key]}, not of {task}")
-            config[key] = checked_value(key, value, defaults[key])
+        raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASK_CONFIGS)}")
+    config, _, where = merge_config(load_defaults(TASK_CONFIGS[task]), config_file, overrides)
+    for key, source in where.items():
+        if TASK_ONLY_KEYS.get(key, task) != task:
+            raise ConfigError(f"{key} is a parameter of --task {TASK_ONLY_KEYS[key]}, not of {task} (given in {source})")
     config["task"] = task
     if config["core"] is None:
-        raise ValueError(f"no core given: pass --core ({', '.join(SUPERVISED_CORE_NAMES)})")
-    build_core(config["core"], 1, *(config[k] for k in MODEL_KEYS), dropout=0.0)  # bad name or sizes fail early
-    for key in POSITIVE_INT_KEYS:
-        if key in config and config[key] < 1:
-            raise ValueError(f"{key} must be at least 1, got {config[key]}")
+        raise ConfigError(f"no core given: pass --core ({', '.join(SUPERVISED_CORE_NAMES)})")
+    check_ranges(config, where)
+    try:
+        build_core(config["core"], 1, *(config[k] for k in MODEL_KEYS), dropout=0.0)  # bad name or sizes fail early
+        OptimConfig.from_config(config)  # an unknown lr_schedule fails here, early
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config["steps"] < 1 and config["epochs"] < 1:
-        raise ValueError("give a training length: --steps N or --epochs N (at least 1)")
-    OptimConfig.from_config(config)  # an unknown lr_schedule fails here, early
+        raise ConfigError("give a training length: --steps N or --epochs N (at least 1)")
     if config.get("carry_state") and config["core"] in ("transformer", "none"):
-        raise ValueError(
+        raise ConfigError(
             f"--carry-state needs a core with a state to carry; {config['core']!r} has none. Use a fast-weight "
             "core (e.g. delta_net, rec_delta, delta_rnn) or the lstm"
         )
+    if task == "wikitext103" and config["sliding_stride"] > config["segment_len"]:
+        raise ConfigError(f"sliding_stride {config['sliding_stride']} is larger than segment_len "
+                          f"{config['segment_len']}: the sliding evaluation would skip tokens; lower --sliding-stride")
     resolve_device(config["device"])
     if config["name"] is None:
         variant = config.get({"code_exec": "variables", "listops": "depth"}.get(task), "")
@@ -170,8 +163,7 @@ def run(config: dict, progress: bool = True) -> dict[str, float]:
                            eval_batch_size=config["eval_batch_size"])
     total_steps = config["steps"] if config["steps"] > 0 else config["epochs"] * task.steps_per_epoch
     run_dir = Path(config["runs_dir"]) / config["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    write_yaml(config, run_dir / "config.yaml")
     print(f"{config['task']} with {config['core']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{total_steps:,} updates ({task.steps_per_epoch:,} per epoch) on {device}; run in {run_dir}", flush=True)
     results = train(
@@ -179,7 +171,7 @@ def run(config: dict, progress: bool = True) -> dict[str, float]:
         eval_every=config["eval_every"] or task.steps_per_epoch, run_dir=run_dir, identity=identity(config),
         log_every=config["log_every"], progress=progress,
     )
-    save_config(results, run_dir / "results.yaml")
+    write_yaml(results, run_dir / "results.yaml")
     return results
 
 
@@ -188,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task, config_file = args.pop("task"), args.pop("config")
     try:
         config = resolve_config(task, config_file, args)
-        results = run(config)
-    except (ValueError, FileNotFoundError, DataFileError, CheckpointMismatchError) as e:
+        with RunLock(Path(config["runs_dir"]) / config["name"]):
+            results = run(config)
+    except (ConfigError, FileNotFoundError, DataFileError, CheckpointMismatchError, RunFileError, RunLockedError) as e:
         sys.exit(f"error: {e}")
     for key, value in results.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

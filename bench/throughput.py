@@ -2,7 +2,7 @@
 
     python -m bench.throughput --env Breakout --seconds 90 --cores none,lstm,delta_net,delta_lstm
 
-For each core it trains (`agent.train.train`, the paper's model sizes) for `--warmup + --seconds` and takes
+For each core it trains (`learner.rl.train`, the paper's model sizes) for `--warmup + --seconds` and takes
 the frames the learner consumed per second over the last `--seconds` (from the run's logs.csv). Next to it,
 the same actors' vectorised environments (same number of actors, environments per actor, threads and Ray CPUs)
 step with random actions for `--seconds`: the ceiling that emulation alone allows on these cores. Frames are
@@ -22,9 +22,10 @@ import numpy as np
 import ray
 import torch
 
-from actors.envs import make_vector_env
-from agent.config import env_options, resolve_config
-from agent.train import connect_ray, resolve_device, train
+from actors.cluster import connect_ray
+from actors.envs import env_options, make_vector_env
+from agent.config import resolve_config, resolve_device
+from learner.rl import train
 
 
 def cpu_name() -> str:
@@ -62,7 +63,7 @@ def raw_env_fps(config: dict, num_actors: int, seconds: float) -> float:
 
 def training_fps(config: dict, warmup: float) -> dict:
     """Frames/s, updates/s and policy lag of a training run, measured from its logs after `warmup` seconds."""
-    summary = train(config)
+    summary = train(config, resolve_device(config["device"]))
     with open(Path(summary["run_dir"]) / "logs.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if float(row["time_s"]) >= warmup]
     if len(rows) < 2:

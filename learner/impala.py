@@ -1,8 +1,8 @@
 """The IMPALA update: batch unrolls, rerun the model from the carried core states, V-trace, losses, RMSProp.
 
-Defaults are the paper's (experiments.md §5.3): RMSProp (lr 6e-4, alpha 0.99, eps 0.01, no momentum) with the
-learning rate decayed linearly to 0 over the run's frames, global gradient-norm clip 40, rewards clipped to
-[-1, 1], discount 0.99 (0 across a `done`), baseline cost 0.5, entropy cost 0.01, losses summed over [T, B].
+RMSProp with the learning rate decayed linearly to 0 over the run's frames, a global gradient-norm clip, rewards
+clipped to [-reward_clip, reward_clip], the discount set to 0 across a `done`, losses summed over [T, B]. The
+values (the paper's) come from configs/atari.yaml, the one source of defaults.
 """
 from __future__ import annotations
 
@@ -13,29 +13,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.unroll import STEP_ARRAYS, Unroll
 from learner import losses, vtrace
 from models import PolicyNet
 
-UNROLL_ARRAYS = ("obs", "reward", "done", "last_action", "action", "policy_logits", "baseline")
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
     total_frames: int
-    learning_rate: float = 6e-4
-    rmsprop_alpha: float = 0.99
-    rmsprop_eps: float = 0.01
-    rmsprop_momentum: float = 0.0
-    discount: float = 0.99
-    baseline_cost: float = 0.5
-    entropy_cost: float = 0.01
-    grad_norm_clip: float = 40.0
-    reward_clip: float = 1.0
+    learning_rate: float
+    rmsprop_alpha: float
+    rmsprop_eps: float
+    rmsprop_momentum: float
+    discount: float
+    baseline_cost: float
+    entropy_cost: float
+    grad_norm_clip: float
+    reward_clip: float
 
     @classmethod
     def from_config(cls, config: dict) -> Hyperparameters:
         """The fields of `config` (a flat dict, e.g. the resolved run config) that name hyperparameters."""
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -77,23 +77,17 @@ class LearnerState:
         return {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
 
 
-def batch_unrolls(unrolls: list[dict], device: torch.device | str) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-    """Concatenate unrolls along the environment axis and move them to `device`.
-
-    Args:
-        unrolls: unrolls from `actors.Actor.unroll`, arrays [T+1, N_i, ...] and `core_state` arrays [N_i, ...].
+def batch_unrolls(unrolls: list[Unroll]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    """Concatenate unrolls along the environment axis, decoding stacked frames, into (pinnable) CPU tensors.
 
     Returns:
-        (batch, core_state): batch arrays [T+1, B, ...] with B = sum N_i, and the core state, tensors [B, ...].
+        (batch, core_state): batch tensors [T+1, B, ...] (`obs` and the arrays of `actors.unroll.STEP_ARRAYS`)
+        with B = sum of the unrolls' N, and the core state, tensors [B, ...].
     """
-    batch = {
-        key: torch.from_numpy(np.concatenate([u[key] for u in unrolls], axis=1)).to(device, non_blocking=True)
-        for key in UNROLL_ARRAYS
-    }
-    core_state = tuple(
-        torch.from_numpy(np.concatenate(parts, axis=0)).to(device, non_blocking=True)
-        for parts in zip(*(u["core_state"] for u in unrolls))
-    )
+    batch = {"obs": torch.from_numpy(np.concatenate([u.observations() for u in unrolls], axis=1))}
+    for key in STEP_ARRAYS:
+        batch[key] = torch.from_numpy(np.concatenate([getattr(u, key) for u in unrolls], axis=1))
+    core_state = tuple(torch.from_numpy(np.concatenate(parts, axis=0)) for parts in zip(*(u.core_state for u in unrolls)))
     return batch, core_state
 
 

@@ -5,7 +5,7 @@
                     run_dir=Path("runs/x"), identity={...})
 
 Adam with a linear warm-up and a constant or cosine schedule, optional global gradient-norm clipping, a
-progress bar (steps/s, ETA, loss, tokens/s), logs to `logs.csv` and TensorBoard (`agent.logging.RunLogger`,
+progress bar (steps/s, ETA, loss, tokens/s), logs to `logs.csv` and TensorBoard (`runio.logs.RunLogger`,
 x axis = optimiser steps), validation every `eval_every` steps, `best.pt` kept by the task's selection metric,
 `checkpoint.pt` for resumption (model, optimiser, schedule, RNG, the task's carried state), and a final
 evaluation of the best model on validation and test data.
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from agent.checkpoint import CheckpointMismatchError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from agent.logging import RunLogger
+from runio.checkpoint import check_identity, load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
+from runio.logs import RunLogger
 from models.sequence import LanguageModel, SequenceTagger
 from tasks import data as task_data
 from tasks.wikitext import Corpus, batchify, iterate_segments, num_segments, sliding_windows
@@ -37,14 +37,14 @@ SELECTION_METRICS = {"code_exec": "sequence_accuracy", "listops": "label_accurac
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Adam and its schedule. Defaults: the paper's algorithmic tasks (constant lr, no clipping)."""
+    """Adam and its schedule; the values come from the task's file in configs/."""
 
-    learning_rate: float = 3e-4
-    adam_betas: tuple[float, float] = (0.9, 0.995)
-    adam_eps: float = 1e-9
-    grad_norm_clip: float = 0.0  # global gradient-norm bound; 0 = no clipping
-    warmup_steps: int = 0  # linear warm-up from learning_rate / warmup_steps
-    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / total_steps)) / 2 after warm-up
+    learning_rate: float
+    adam_betas: tuple[float, float]
+    adam_eps: float
+    grad_norm_clip: float  # global gradient-norm bound; 0 = no clipping
+    warmup_steps: int  # linear warm-up from learning_rate / warmup_steps
+    lr_schedule: str  # "constant" or "cosine": lr * (1 + cos(pi * step / total_steps)) / 2 after warm-up
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in SCHEDULES:
@@ -309,15 +309,11 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(optim, step, total_steps))
     step, best, best_step = 0, None, 0
-    resumed = checkpoint_path.exists()
+    checkpoint = load_latest(checkpoint_path, map_location=task.device,
+                             required_keys=("model", "optimizer", "scheduler", "task", "rng", "step", "identity"))
+    resumed = checkpoint is not None
     if resumed:
-        checkpoint = load_checkpoint(checkpoint_path, map_location=task.device)
-        if checkpoint["identity"] != identity:
-            raise CheckpointMismatchError(
-                f"{checkpoint_path} belongs to another run (saved with {checkpoint['identity']}, requested "
-                f"{identity}). Resume it with the same settings, or start a new run with another --name "
-                f"(or remove {run_dir})."
-            )
+        check_identity(checkpoint["identity"], identity, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -336,7 +332,7 @@ def train(
         )
 
     # Rows up to the checkpoint's step were logged before it was saved; later ones are dropped and redone.
-    logger = RunLogger(run_dir, start=step + 1 if resumed else 0, x_key="step")
+    logger = RunLogger(run_dir, start=step, x_key="step")
 
     def validate() -> dict[str, float]:
         model.eval()

@@ -64,7 +64,10 @@ class MLPTorso(nn.Module):
 
 class PolicyNet(nn.Module):
     """out, state = net(obs [T, B, *obs_shape], last_reward [T, B], last_action [T, B], done [T, B], state);
-    out = {"policy_logits": [T, B, A], "baseline": [T, B]}. `done[t]` resets the core before step t."""
+    out = {"policy_logits": [T, B, A], "baseline": [T, B]}. `done[t]` resets the core before step t.
+
+    The last reward is clipped to [-reward_clip, reward_clip] on its way in, as the learner clips rewards.
+    """
 
     def __init__(
         self,
@@ -73,10 +76,11 @@ class PolicyNet(nn.Module):
         core: str,
         core_kwargs: dict | None = None,
         use_last_action: bool = False,
+        reward_clip: float = 1.0,
     ):
         super().__init__()
         self.observation_shape, self.num_actions = tuple(observation_shape), num_actions
-        self.use_last_action = use_last_action
+        self.use_last_action, self.reward_clip = use_last_action, reward_clip
         if len(self.observation_shape) == 3:
             self.torso: nn.Module = ImpalaTorso(*self.observation_shape)
         elif len(self.observation_shape) == 1:
@@ -102,9 +106,18 @@ class PolicyNet(nn.Module):
                 f"observations have shape {list(obs.shape)}; expected [T, B, {', '.join(map(str, self.observation_shape))}]"
             )
         features = self.torso(obs.reshape(T * B, *self.observation_shape)).view(T, B, -1)
-        inputs = [features, last_reward.clamp(-1, 1).unsqueeze(-1).to(features.dtype)]
+        inputs = [features, last_reward.clamp(-self.reward_clip, self.reward_clip).unsqueeze(-1).to(features.dtype)]
         if self.use_last_action:
             inputs.append(F.one_hot(last_action, self.num_actions).to(features.dtype))
         y, state = self.core(torch.cat(inputs, dim=-1), state, done.bool())
         out = {"policy_logits": self.policy(y), "baseline": self.baseline(y).squeeze(-1)}
         return out, state
+
+    @torch.inference_mode()
+    def act(
+        self, obs: Tensor, last_reward: Tensor, last_action: Tensor, done: Tensor, state: State
+    ) -> tuple[Tensor, Tensor, State]:
+        """One step for B environments, as actors and evaluation feed the policy: obs [B, *obs_shape],
+        last_reward [B], last_action [B], done [B] -> policy logits [B, A], baseline [B], the new state."""
+        out, state = self(obs[None], last_reward[None], last_action[None], done[None], state)
+        return out["policy_logits"][0], out["baseline"][0], state

@@ -38,7 +38,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from agent.files import atomic_path
+from runio.files import atomic_path
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")

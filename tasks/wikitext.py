@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agent.files import atomic_path
+from runio.files import atomic_path
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"

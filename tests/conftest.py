@@ -1,8 +1,6 @@
 """Shared fixtures. Ray starts once per test session (each start costs seconds), in-process and on 127.0.0.1;
-torch runs on one thread."""
+torch runs on one thread. No RAY_* variable is set: the product keeps its Ray on loopback by itself."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -20,12 +18,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """An embedded Ray with 2 CPUs for every test that needs one; shut down at the end of the session."""
-    # Without this Ray binds to the machine's external address even for a local cluster; tests stay on loopback.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    """The product's embedded Ray (private, on 127.0.0.1) with 2 CPUs for every test that needs one; shut down at
+    the end of the session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    from actors.cluster import start_embedded_ray
+
+    start_embedded_ray(num_cpus=2)
     yield ray
     ray.shutdown()

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from actors.envs import env_spaces, make_vector_env, resolve_game
+from actors.envs import env_options, env_spaces, make_vector_env, resolve_game
 from actors.recording import discounted_returns, load_trajectories, load_trajectory, replay, save_trajectory
-from agent.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from agent.config import ENV_OPTION_KEYS, resolve_config
+from agent.config import resolve_config
 from agent.evaluate import describe, load_evaluated_policy, main
 from learner.impala import Hyperparameters, LearnerState
 from models import PolicyNet
+from runio.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # Env seeds 2 and 3 with this sampled policy give Breakout games that end (game over) within 200 steps and
@@ -37,7 +37,7 @@ def write_checkpoint(path: Path, *, seed: int, frames: int, env: str = "breakout
     config = resolve_config(overrides=dict(env=env, core="delta_net", hidden_size=32, num_heads=2, head_dim=16,
                                            ff_size=64))
     game = resolve_game(env)
-    observation_shape, num_actions = env_spaces(game, **{key: config[key] for key in ENV_OPTION_KEYS})
+    observation_shape, num_actions = env_spaces(game, **env_options(config))
     model_spec = dict(observation_shape=list(observation_shape), num_actions=num_actions, core="delta_net",
                       core_kwargs=config["core_kwargs"], use_last_action=False)
     torch.manual_seed(seed)
@@ -272,10 +272,10 @@ def test_bad_checkpoints_get_clear_errors(run_dir, tmp_path):
     save_checkpoint({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     cases = {
         "missing.pt": "checkpoint .*missing.pt not found: pass a checkpoint written by `python -m agent.train`",
-        "truncated.pt": "truncated.pt is not a readable checkpoint .*truncated or corrupt",
+        "truncated.pt": "truncated.pt is not a readable checkpoint: truncated or not a checkpoint",
         "text.pt": "text.pt is not a readable checkpoint",
         "unknown_core.pt": "trained with core 'gru', which this rfwp does not have .cores: none, lstm, .*delta_net",
-        "other.pt": "other.pt is not a checkpoint of agent.train: it lacks learner, config, game, model_spec",
+        "other.pt": "other.pt is not a checkpoint of this kind of run: it lacks learner, config, game, model_spec",
     }
     for name, message in cases.items():
         with pytest.raises(SystemExit, match=message):

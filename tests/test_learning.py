@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from actors.actor import Actor
-from learner.impala import Hyperparameters, LearnerState, batch_unrolls, update
+from learner.impala import LearnerState, batch_unrolls, update
 from models import PolicyNet
+from support import paper_hyperparameters
 
 NUM_ENVS, UNROLL_LENGTH, UPDATES = 16, 20, 500
 CHANCE = -0.5
@@ -22,14 +23,14 @@ def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0) -> list[fl
     torch.manual_seed(seed)
     spec = dict(observation_shape=(5,), num_actions=4, core=core, core_kwargs=core_kwargs)
     # A higher learning rate than Atari's 6e-4: the task is tiny and the budget a few hundred updates.
-    hp = Hyperparameters(total_frames=UPDATES * NUM_ENVS * UNROLL_LENGTH, learning_rate=2e-3)
+    hp = paper_hyperparameters(total_frames=UPDATES * NUM_ENVS * UNROLL_LENGTH, learning_rate=2e-3)
     learner = LearnerState.create(PolicyNet(**spec), hp)
     actor = Actor("memory", {}, NUM_ENVS, spec, UNROLL_LENGTH, seed=seed)
     returns = []
     for _ in range(UPDATES):
         unroll = actor.unroll(learner.updates, learner.weights())
-        returns += [e.episode_return for e in unroll["episodes"] if e.kind == "game"]
-        update(learner, *batch_unrolls([unroll], "cpu"), hp, frames=NUM_ENVS * UNROLL_LENGTH)
+        returns += [e.episode_return for e in unroll.episodes if e.kind == "game"]
+        update(learner, *batch_unrolls([unroll]), hp, frames=NUM_ENVS * UNROLL_LENGTH)
     return returns
 
 

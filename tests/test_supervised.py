@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from agent import supervised
-from agent.checkpoint import load_checkpoint
-from agent.config import CONFIG_DIR
+from runio.checkpoint import load_checkpoint
+from agent.config import CONFIG_DIR, load_defaults
 from learner.supervised import OptimConfig, lr_factor
 from models.sequence import LanguageModel
 from models.transformer import TransformerCore
@@ -99,14 +99,18 @@ def test_code_exec_with_the_transformer_baseline(tmp_path: Path) -> None:
             assert math.isfinite(results[f"{split}/{metric}"])
 
 
+def optim_config(**changes) -> OptimConfig:
+    return OptimConfig.from_config({**load_defaults("supervised_algorithmic.yaml"), **changes})
+
+
 def test_learning_rate_schedule() -> None:
-    cosine = OptimConfig(learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
+    cosine = optim_config(learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
     assert [lr_factor(cosine, s, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(cosine, 50, 100) == pytest.approx(0.5)  # the cosine runs on the absolute step count
     assert lr_factor(cosine, 100, 100) == pytest.approx(0.0) and lr_factor(cosine, 120, 100) == pytest.approx(0.0)
-    assert lr_factor(OptimConfig(), 10_000, 100) == 1.0
+    assert lr_factor(optim_config(), 10_000, 100) == 1.0
     with pytest.raises(ValueError, match="unknown lr_schedule"):
-        OptimConfig(lr_schedule="linear")
+        optim_config(lr_schedule="linear")
 
 
 def test_configs_hold_the_papers_settings() -> None:

@@ -36,7 +36,7 @@ def test_config_precedence_defaults_file_flags(tmp_path):
         ({"env": "Breakout"}, "no core given: pass --core"),
         ({"env": "Breakout", "core": "lstm", "batch_size": 12}, "multiple of envs_per_actor 8"),
         ({"env": "Breakout", "core": "lstm", "lerning_rate": 0.1}, "Did you mean learning_rate"),
-        ({"env": "Breakout", "core": "lstm", "seed": "one"}, "'seed' must be of type int"),
+        ({"env": "Breakout", "core": "lstm", "seed": "one"}, "'seed' in the command line must be a whole number"),
         ({"env": "Breakout", "core": "delta_net", "hidden_size": 64}, "must equal hidden_size 64"),
     ],
 )

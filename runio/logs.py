@@ -8,14 +8,17 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from runio.files import atomic_path
+
 
 class RunLogger:
     """Appends rows to `run_dir/logs.csv` and writes TensorBoard scalars to `run_dir`.
 
     Args:
         run_dir: the run directory (created by the caller).
-        start: the counter the run starts from (the checkpoint's when resuming). Rows and events that an
-            earlier, interrupted run logged at or after it are dropped, so the logs continue from there.
+        start: the counter of the checkpoint the run resumes from (0 for a new run). Rows and events that an
+            interrupted session logged after it are dropped, and the ones up to it kept, so that the logs read
+            as if the run had never stopped: every counter value appears once.
         x_key: the row key that is the x axis: "frames" or "step".
     """
 
@@ -23,17 +26,21 @@ class RunLogger:
         self.csv_path = Path(run_dir) / "logs.csv"
         self.x_key = x_key
         self.fieldnames: list[str] | None = None
+        self.last_row: dict[str, str] | None = None  # the last row kept, for counters that continue across resumes
         if self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = reader.fieldnames
-                rows = [row for row in reader if int(row[x_key]) < start]
-        if self.fieldnames:
-            with open(self.csv_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, self.fieldnames)
-                writer.writeheader()
-                writer.writerows(rows)
-        self.writer = SummaryWriter(str(run_dir), purge_step=start)
+                rows = [row for row in reader if _counter(row.get(x_key)) <= start] if start > 0 else []
+            with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.fieldnames or [])
+                if self.fieldnames and rows:
+                    writer.writeheader()
+                    writer.writerows(rows)
+                else:
+                    self.fieldnames = None
+            self.last_row = rows[-1] if rows else None
+        self.writer = SummaryWriter(str(run_dir), purge_step=start + 1 if start > 0 else None)
 
     def log(self, row: dict[str, float | int]) -> None:
         """Write one row; `row[x_key]` is the x axis. Keys unknown to an existing CSV header go to TensorBoard
@@ -50,3 +57,11 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _counter(value: str | None) -> float:
+    """A row's x value; rows whose counter is not a number (e.g. a header written twice) sort after everything."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf
