@@ -1,4 +1,4 @@
-"""Time every update rule on every backend that can run here, at the shapes of kernels.md §3.
+"""Time every update rule on every backend that can run here, at the shapes of docs/kernels.md §6.
 
     python -m bench.kernels                       # all rules, shapes and backends; markdown table on stdout
     python -m bench.kernels --shapes infer-b1 infer-b256 --rules delta_rule
@@ -7,7 +7,7 @@
 
 Per (rule, shape, backend): the best time of the forward without autograd (the actors' path) and of
 forward+backward (gradients into every input, the initial state included), the speed-up over the reference
-backend on the same device, and on a GPU the floor of kernels.md §3 (max of the fp32-compute, memory and
+backend on the same device, and on a GPU the floor of docs/kernels.md §6 (max of the fp32-compute, memory and
 per-step-chain floors, for the delta rule and RDN, the rules it models) with the ratio to it.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-import cuda_ext
-from cuda_ext import cases
-from models.ops import reference
+from models.ops import Rules
+from models.ops.rules import RULE_NAMES, example_inputs, example_reset
 
-# name: (T, B, H, d) — kernels.md §3.2 (RL-a, RL-c, LM-a) and §3.4 (single steps of the RL core, H4 d32)
+# name: (T, B, H, d) — docs/kernels.md §6: RL training unrolls, a large RL batch, single steps of the RL core
+# (H4 d32) and the language model
 SHAPES = {
     "rl-train-a": (50, 32, 4, 32),
     "rl-train-c": (100, 256, 8, 64),
@@ -33,23 +33,25 @@ SHAPES = {
     "lm": (256, 96, 8, 16),
 }
 
-# kernels.md §3.1: FLOPs per head-step (x d^2) and elements moved per head-step (x d) for forward+backward, and
-# the per-step chain (µs per step, forward+backward); forward alone is about a third of the chain and FLOPs.
+# docs/kernels.md §6: FLOPs per head-step (x d^2) and elements moved per head-step (x d) for forward+backward,
+# and the estimated per-step chain (µs per step, forward+backward); forward alone is about a third of each.
 FLOOR_MODEL = {"delta_rule": (20, 11, 0.3), "rdn_rule": (38, 17, 1.5)}
-FP32_FLOPS = 60e12
-BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}  # measured on the project's machines (kernels.md §3.1)
+# NVIDIA's data-sheet figures (vendor specifications, not measured here): HBM bytes/s and fp32 (non-tensor-core)
+# FLOP/s. First match in the device name wins, so "H100 PCIe" comes before "H100" (the SXM part).
+GPU_SPECS = {"H100 PCIe": (2.0e12, 51e12), "H100": (3.35e12, 67e12), "H200": (4.8e12, 67e12)}
 
 
 def floor_us(rule: str, shape: tuple[int, int, int, int], backward: bool) -> float | None:
-    """The kernels.md §3 floor on this GPU, or None (no model for this rule or GPU)."""
+    """The docs/kernels.md §6 floor on this GPU, or None (no model for this rule or GPU)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    bandwidth = next((bw for key, bw in BANDWIDTH.items() if key in name), None)
-    if rule not in FLOOR_MODEL or bandwidth is None:
+    spec = next((spec for key, spec in GPU_SPECS.items() if key in name), None)
+    if rule not in FLOOR_MODEL or spec is None:
         return None
+    bandwidth, fp32_flops = spec
     flops_d2, elems_d, chain = FLOOR_MODEL[rule]
     T, B, H, d = shape
     share = 1.0 if backward else 1 / 3
-    compute = share * flops_d2 * d * d * T * B * H / FP32_FLOPS
+    compute = share * flops_d2 * d * d * T * B * H / fp32_flops
     memory = (share * elems_d * d * T + (5 if backward else 2) * d * d) * B * H * 4 / bandwidth
     return max(compute * 1e6, memory * 1e6, share * chain * T)
 
@@ -93,10 +95,9 @@ def measure(
     rule: str, shape_name: str, backend_name: str, device: str, max_seconds: float, max_memory: float
 ) -> Row:
     T, B, H, d = SHAPES[shape_name]
-    backend = reference if backend_name == "reference" else cuda_ext.load_backend(backend_name)
-    fn = getattr(backend, rule)
-    inputs = cases.rule_inputs(rule, T, B, H, d, dtype=torch.float32, device=device)
-    reset = cases.random_reset(T, B, p=0.02, device=device)
+    fn = getattr(Rules(backend_name), rule)
+    inputs = example_inputs(rule, T, B, H, d, dtype=torch.float32, device=device)
+    reset = example_reset(T, B, p=0.02, device=device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -161,7 +162,7 @@ def table(rows: list[Row], device: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rules", nargs="+", default=list(cases.RULE_NAMES), choices=cases.RULE_NAMES)
+    parser.add_argument("--rules", nargs="+", default=list(RULE_NAMES), choices=RULE_NAMES)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--backends", nargs="+", help="default: reference and the device's compiled backend")
     parser.add_argument("--max-seconds", type=float, default=1.0, help="time budget per measurement")

@@ -4,16 +4,15 @@ Both extensions export, per rule, `<rule>_forward(*inputs, reset, poison, stream
 outputs (as `models.ops.reference` returns them) followed by the per-step tensors its backward needs, and
 `<rule>_backward(*saved_inputs, reset, *saved_results, *output_grads, poison, stream)`, which returns the
 gradient of every input (csrc/binding.h; the stream is 0 for CPU tensors). The backward is one pass in reverse
-time that starts from the final state and its gradient (models.md §5) and returns gradients for every input,
+time that starts from the final state and its gradient (docs/kernels.md §3) and returns gradients for every input,
 including the initial state. Without autograd (the actors' single steps) the forward is called directly.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 from types import ModuleType
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -35,56 +34,45 @@ def poisoned() -> Iterator[None]:
         _poison = old
 
 
-@dataclass(frozen=True)
-class RuleSpec:
-    """How many of a forward's results the rule returns, and which inputs and results its backward reads."""
+class Rule(Protocol):
+    """What the autograd glue reads of a rule's declaration (`models.ops.rules.Rule`, passed in by the caller:
+    this package never imports the models): the extension functions are `<name>_forward` and `<name>_backward`,
+    the rule returns the first `len(outputs)` results of the forward, and the backward reads the inputs
+    `saved_inputs` and the results `saved_results` (indices)."""
 
-    n_outputs: int
+    name: str
+    outputs: tuple[str, ...]
     saved_inputs: tuple[int, ...]
     saved_results: tuple[int, ...]
 
 
-SPECS: dict[str, RuleSpec] = {
-    # results: y, W
-    "sum_rule": RuleSpec(2, saved_inputs=(0, 1, 2, 3), saved_results=(1,)),
-    # results: y, W, vbar
-    "delta_rule": RuleSpec(2, saved_inputs=(0, 1, 2, 3, 4), saved_results=(1, 2)),
-    # results: y, W, h, q, k, v, vbar, beta (after the activations)
-    "rdn_rule": RuleSpec(3, saved_inputs=(4, 5, 6, 7, 8, 9), saved_results=(0, 1, 3, 4, 5, 6, 7)),
-    # results: y, R, h, vbar
-    "delta_rnn_rule": RuleSpec(3, saved_inputs=(1, 2, 3, 4, 5), saved_results=(0, 1, 3)),
-    # results: y, R, h, c, vbar (each gate), the gates (i, u, o), the cell states
-    "delta_lstm_rule": RuleSpec(4, saved_inputs=(1, 2, 3, 4, 5, 6), saved_results=(0, 1, 4, 5, 6)),
-}
-
-
 class _Rule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: KernelBackend, rule: str, reset: Tensor | None, *inputs: Tensor):
-        spec = SPECS[rule]
-        results = backend.launch(f"{rule}_forward", *inputs, reset)
+    def forward(ctx, backend: KernelBackend, rule: Rule, reset: Tensor | None, *inputs: Tensor):
+        results = backend.launch(f"{rule.name}_forward", *inputs, reset)
         ctx.backend, ctx.rule = backend, rule
         ctx.save_for_backward(
-            reset, *[inputs[i] for i in spec.saved_inputs], *[results[i] for i in spec.saved_results]
+            reset, *[inputs[i] for i in rule.saved_inputs], *[results[i] for i in rule.saved_results]
         )
-        return tuple(results[: spec.n_outputs])
+        return tuple(results[: len(rule.outputs)])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs: Tensor):
         reset, *saved = ctx.saved_tensors
-        n_in = len(SPECS[ctx.rule].saved_inputs)
+        n_in = len(ctx.rule.saved_inputs)
         grads = ctx.backend.launch(
-            f"{ctx.rule}_backward", *saved[:n_in], reset, *saved[n_in:], *[g.contiguous() for g in grad_outputs]
+            f"{ctx.rule.name}_backward", *saved[:n_in], reset, *saved[n_in:], *[g.contiguous() for g in grad_outputs]
         )
         return (None, None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])))
 
 
 class KernelBackend:
-    """The rule functions of `models.ops.reference` (same signatures, returns and gradients), computed by a
-    compiled extension. Inputs may be non-contiguous; they are never modified."""
+    """The update rules computed by one compiled extension: `run(rule, inputs, reset)` returns what the
+    reference loop of `rule` returns (outputs and gradients). Inputs may be non-contiguous; they are never
+    modified. The caller has checked the shapes (`models.ops`); the extension checks again only what keeps a
+    wrong call from reading or writing out of bounds (element counts, dtypes, devices)."""
 
-    DEVICE: ClassVar[dict[str, str]] = {"cpu": "cpu", "cuda": "cuda", "emulated": "cpu"}
     DTYPES: ClassVar[dict[str, tuple[torch.dtype, ...]]] = {
         "cpu": (torch.float32, torch.float64),
         "cuda": (torch.float32,),
@@ -94,7 +82,7 @@ class KernelBackend:
 
     def __init__(self, name: str, extension: ModuleType) -> None:
         self.name, self.extension = name, extension
-        self.device_type, self.dtypes = self.DEVICE[name], self.DTYPES[name]
+        self.dtypes = self.DTYPES[name]
 
     @classmethod
     def get(cls, name: str, extension: ModuleType) -> KernelBackend:
@@ -114,18 +102,12 @@ class KernelBackend:
         with torch.cuda.device(device):
             return fn(*args, _poison, torch.cuda.current_stream(device).cuda_stream)
 
-    def _run(self, rule: str, inputs: Sequence[Tensor], reset: Tensor | None) -> tuple[Tensor, ...]:
+    def run(self, rule: Rule, inputs: Sequence[Tensor], reset: Tensor | None) -> tuple[Tensor, ...]:
         """Inputs of one promoted dtype are computed in it if the backend supports it; float16/bfloat16 (e.g.
         under autocast) are computed in float32 (the state and accumulation are float32 anyway) and the results
-        cast back, as the reference would return them. The extension checks that all tensors share a device."""
-        first = inputs[0]
-        if first.shape[0] == 0:
-            raise ValueError(f"{rule}: at least one time step is needed (got T = 0)")
-        if first.device.type != self.device_type:
-            raise ValueError(
-                f"the {self.name!r} backend runs on {self.device_type} tensors; got tensors on {first.device}"
-            )
+        cast back, as the reference would return them."""
         # One pass over the inputs: single-step inference spends more time here than in the kernel.
+        first = inputs[0]
         dtype, mixed, strided, needs_grad = first.dtype, False, False, False
         for x in inputs:
             mixed |= x.dtype != dtype
@@ -147,38 +129,5 @@ class KernelBackend:
         if needs_grad and torch.is_grad_enabled():
             outputs = _Rule.apply(self, rule, reset, *inputs)
         else:  # no graph to record: skip the autograd Function
-            outputs = self.launch(f"{rule}_forward", *inputs, reset)[: SPECS[rule].n_outputs]
+            outputs = self.launch(f"{rule.name}_forward", *inputs, reset)[: len(rule.outputs)]
         return tuple(outputs) if compute == dtype else tuple(o.to(dtype) for o in outputs)
-
-    # The rules: signatures, shapes and returns of models.ops.reference (see docs/api.md).
-    def sum_rule(self, q: Tensor, k: Tensor, v: Tensor, W0: Tensor, reset: Tensor | None = None) -> tuple[Tensor, ...]:
-        """y [T,B,H,M], W [B,H,E,M] = sum_rule(q, k [T,B,H,E], v [T,B,H,M], W0 [B,H,E,M], reset [T,B])."""
-        return self._run("sum_rule", (q, k, v, W0), reset)
-
-    def delta_rule(
-        self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, W0: Tensor, reset: Tensor | None = None
-    ) -> tuple[Tensor, ...]:
-        """y, W = delta_rule(q, k [T,B,H,E], v [T,B,H,M], beta [T,B,H,1], W0 [B,H,E,M], reset [T,B])."""
-        return self._run("delta_rule", (q, k, v, beta, W0), reset)
-
-    def rdn_rule(
-        self, qx: Tensor, kx: Tensor, vx: Tensor, bx: Tensor, Rq: Tensor, Rk: Tensor, Rv: Tensor, rb: Tensor,
-        W0: Tensor, h0: Tensor, reset: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        """y, W, h = rdn_rule(qx, kx, vx [T,B,H,d], bx [T,B,H,1], Rq, Rk, Rv [H,d,d], rb [H,d], W0 [B,H,d,d],
-        h0 [B,H,d], reset [T,B])."""
-        return self._run("rdn_rule", (qx, kx, vx, bx, Rq, Rk, Rv, rb, W0, h0), reset)
-
-    def delta_rnn_rule(
-        self, z: Tensor, kr: Tensor, vr: Tensor, br: Tensor, R0: Tensor, h0: Tensor, reset: Tensor | None = None
-    ) -> tuple[Tensor, ...]:
-        """y, R, h = delta_rnn_rule(z, kr, vr [T,B,H,d], br [T,B,H,1], R0 [B,H,d,d], h0 [B,H,d], reset [T,B])."""
-        return self._run("delta_rnn_rule", (z, kr, vr, br, R0, h0), reset)
-
-    def delta_lstm_rule(
-        self, z: Tensor, kr: Tensor, vr: Tensor, br: Tensor, R0: Tensor, h0: Tensor, c0: Tensor,
-        reset: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        """y, R, h, c = delta_lstm_rule(z, kr, vr [T,B,H,3,d], br [T,B,H,3,1], R0 [B,H,3,d,d], h0, c0 [B,H,d],
-        reset [T,B])."""
-        return self._run("delta_lstm_rule", (z, kr, vr, br, R0, h0, c0), reset)

@@ -37,7 +37,8 @@ class FastWeightLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, per_head: int, backend: str):
         super().__init__()
-        self.num_heads, self.head_dim, self.backend = num_heads, head_dim, backend
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.rules = ops.Rules(backend)
         self.slow = nn.Linear(hidden_size, num_heads * per_head, bias=False)
         self.out = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
@@ -72,7 +73,7 @@ class LinearTransformerLayer(FastWeightLayer):
 
     def program(self, p, state, reset):
         q, k, v = p.split(self.head_dim, dim=-1)
-        y, W = ops.sum_rule(elu1_sumnorm(q), elu1_sumnorm(k), v, state[0], reset, backend=self.backend)
+        y, W = self.rules.sum_rule(elu1_sumnorm(q), elu1_sumnorm(k), v, state[0], reset)
         return y, (W,)
 
 
@@ -88,9 +89,7 @@ class DeltaNetLayer(FastWeightLayer):
     def program(self, p, state, reset):
         d = self.head_dim
         q, k, v, b = p.split([d, d, d, 1], dim=-1)
-        y, W = ops.delta_rule(
-            elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), state[0], reset, backend=self.backend
-        )
+        y, W = self.rules.delta_rule(elu1_sumnorm(q), elu1_sumnorm(k), v, torch.sigmoid(b), state[0], reset)
         return y, (W,)
 
 
@@ -115,9 +114,7 @@ class RecurrentDeltaNetLayer(FastWeightLayer):
         d = self.head_dim
         qx, kx, vx, bx = p.split([d, d, d, 1], dim=-1)
         W0, h0 = state
-        y, W, h = ops.rdn_rule(
-            qx, kx, vx, bx, self.Rq, self.Rk, self.Rv, self.rb, W0, h0, reset, backend=self.backend
-        )
+        y, W, h = self.rules.rdn_rule(qx, kx, vx, bx, self.Rq, self.Rk, self.Rv, self.rb, W0, h0, reset)
         return y, (W, h)
 
 
@@ -136,12 +133,8 @@ class DeltaRNNLayer(FastWeightLayer):
         d = self.head_dim
         q, k, v, kr, vr, b, br = p.split([d, d, d, d, d, 1, 1], dim=-1)
         W0, R0, h0 = state
-        z, W = ops.delta_rule(
-            q.softmax(-1), k.softmax(-1), v, torch.sigmoid(b), W0, reset, backend=self.backend
-        )
-        y, R, h = ops.delta_rnn_rule(
-            z, kr.softmax(-1), vr, torch.sigmoid(br), R0, h0, reset, backend=self.backend
-        )
+        z, W = self.rules.delta_rule(q.softmax(-1), k.softmax(-1), v, torch.sigmoid(b), W0, reset)
+        y, R, h = self.rules.delta_rnn_rule(z, kr.softmax(-1), vr, torch.sigmoid(br), R0, h0, reset)
         return y, (W, R, h)
 
 
@@ -165,17 +158,16 @@ class DeltaLSTMLayer(FastWeightLayer):
         b, br = betas.view(T, B, H, 3, 2, 1).unbind(dim=4)  # [T, B, H, 3, 1] each
         W0, R0, h0, c0 = state
         # The three gates' feed-forward parts are independent delta rules: run them as 3H heads in one call.
-        z, W = ops.delta_rule(
+        z, W = self.rules.delta_rule(
             elu1_sumnorm(q).reshape(T, B, 3 * H, d),
             elu1_sumnorm(k).reshape(T, B, 3 * H, d),
             v.reshape(T, B, 3 * H, d),
             torch.sigmoid(b).reshape(T, B, 3 * H, 1),
             W0.reshape(B, 3 * H, d, d),
             reset,
-            backend=self.backend,
         )
-        y, R, h, c = ops.delta_lstm_rule(
-            z.view(T, B, H, 3, d), kr.softmax(-1), vr, torch.sigmoid(br), R0, h0, c0, reset, backend=self.backend
+        y, R, h, c = self.rules.delta_lstm_rule(
+            z.view(T, B, H, 3, d), kr.softmax(-1), vr, torch.sigmoid(br), R0, h0, c0, reset
         )
         return y, (W.view(B, H, 3, d, d), R, h, c)
 
@@ -204,12 +196,8 @@ class DeltaMLPLayer(FastWeightLayer):
         new_state = []
         for norm, signals, W1, W2 in zip(self.query_norms, blocks, state[0::2], state[1::2]):
             k1, v1, k2, v2, b1, b2 = signals.split([d, f, f, d, 1, 1], dim=-1)
-            h1, W1 = ops.delta_rule(
-                elu1_sumnorm(norm(x)), elu1_sumnorm(k1), v1, torch.sigmoid(b1), W1, reset, backend=self.backend
-            )
-            h2, W2 = ops.delta_rule(
-                elu1_sumnorm(h1), elu1_sumnorm(k2), v2, torch.sigmoid(b2), W2, reset, backend=self.backend
-            )
+            h1, W1 = self.rules.delta_rule(elu1_sumnorm(norm(x)), elu1_sumnorm(k1), v1, torch.sigmoid(b1), W1, reset)
+            h2, W2 = self.rules.delta_rule(elu1_sumnorm(h1), elu1_sumnorm(k2), v2, torch.sigmoid(b2), W2, reset)
             x = x + h2
             new_state += [W1, W2]
         return x, tuple(new_state)

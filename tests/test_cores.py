@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models import CORE_NAMES, PolicyNet, make_core
+from models.ops import backends_ran
 
 RECURRENT_CORES = [name for name in CORE_NAMES if name != "none"]
 SMALL = dict(hidden_size=8, num_layers=2, num_heads=2, head_dim=4, ff_size=16, depth=2)
@@ -11,8 +12,10 @@ T, B, D_IN = 7, 3, 5
 
 
 def small_core(name: str, seed: int = 0):
+    """Pinned to the reference loops: what these tests exercise never depends on a kernel build in the cache
+    (the kernels are checked against the same cores in test_kernels.py)."""
     torch.manual_seed(seed)
-    return make_core(name, input_size=D_IN, **SMALL).double()
+    return make_core(name, input_size=D_IN, backend="reference", **SMALL).double()
 
 
 def inputs(seed: int = 1):
@@ -90,6 +93,15 @@ def test_gradient_flows_through_the_whole_unroll_and_into_the_state(name):
     grads = torch.autograd.grad(y[-1].sum(), (x, *state0))
     assert grads[0][0].abs().sum() > 0, "the last output must depend on the first input"
     assert all(g.abs().sum() > 0 for g in grads[1:]), "every part of the initial state must get a gradient"
+
+
+@pytest.mark.parametrize("name", [n for n in RECURRENT_CORES if n != "lstm"])
+def test_fast_weight_cores_run_the_backend_they_are_given(name, monkeypatch):
+    monkeypatch.setenv("RFWP_BACKEND", "cpu")  # an explicit backend wins over the environment
+    core = small_core(name)
+    assert backends_ran(core) == set()
+    core(inputs()[0], core.initial_state(B), None)
+    assert backends_ran(core) == {"reference"}
 
 
 def test_none_core_passes_input_through():

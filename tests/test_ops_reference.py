@@ -1,45 +1,23 @@
 """The reference update rules: hand-worked cases, float64 gradcheck (including the initial state), resets and
 the shape checks of the dispatch layer."""
+import copy
+
 import pytest
 import torch
 
 from models import ops
+from models.ops.rules import RULES, example_inputs
 
-# Per rule: how many leading arguments are per-step sequences [T, B, ...], and which are initial states.
-SEQUENCE_INPUTS = {"sum_rule": 3, "delta_rule": 4, "rdn_rule": 4, "delta_rnn_rule": 4, "delta_lstm_rule": 4}
-STATE_INPUTS = {"sum_rule": {3}, "delta_rule": {4}, "rdn_rule": {8, 9}, "delta_rnn_rule": {4, 5},
-                "delta_lstm_rule": {4, 5, 6}}
+REFERENCE = ops.Rules("reference")
 
 
-def rule_inputs(rule: str, T=4, B=2, H=2, d=3, seed=0, dtype=torch.float64):
+def rule_inputs(rule: str, T=4, seed=0):
     """Inputs shaped as the models produce them (normalised keys, β in (0, 1)) and a non-zero initial state."""
-    g = torch.Generator().manual_seed(seed)
-    n = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
-    u = lambda *s: torch.rand(*s, generator=g, dtype=dtype)
-
-    def _positive_normalised(*shape):
-        x = u(*shape) + 0.1
-        return x / x.sum(-1, keepdim=True)
-
-    if rule == "sum_rule":
-        return [_positive_normalised(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d), 0.3 * n(B, H, d, d)]
-    if rule == "delta_rule":
-        return [_positive_normalised(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d),
-                u(T, B, H, 1), 0.3 * n(B, H, d, d)]
-    if rule == "rdn_rule":
-        return [n(T, B, H, d), n(T, B, H, d), n(T, B, H, d), n(T, B, H, 1), 0.5 * n(H, d, d), 0.5 * n(H, d, d),
-                0.5 * n(H, d, d), 0.5 * n(H, d), 0.3 * n(B, H, d, d), n(B, H, d)]
-    if rule == "delta_rnn_rule":
-        return [n(T, B, H, d), _positive_normalised(T, B, H, d), n(T, B, H, d), u(T, B, H, 1),
-                0.3 * n(B, H, d, d), n(B, H, d)]
-    if rule == "delta_lstm_rule":
-        return [n(T, B, H, 3, d), _positive_normalised(T, B, H, 3, d), n(T, B, H, 3, d), u(T, B, H, 3, 1),
-                0.3 * n(B, H, 3, d, d), n(B, H, d), n(B, H, d)]
-    raise KeyError(rule)
+    return example_inputs(rule, T, 2, 2, 3, seed=seed)
 
 
 def run(rule, inputs, reset=None):
-    return getattr(ops, rule)(*inputs, reset, backend="reference")
+    return getattr(REFERENCE, rule)(*inputs, reset)
 
 
 @pytest.mark.parametrize("rule", ops.RULE_NAMES)
@@ -97,7 +75,7 @@ def test_reset_equals_fresh_run_and_blocks_gradient(rule):
     reset[t_reset, 0] = True
     outs = run(rule, inputs, reset)
     # A fresh run on the tail from the zero state gives sample 0's outputs after the reset.
-    n_seq, states = SEQUENCE_INPUTS[rule], STATE_INPUTS[rule]
+    n_seq, states = RULES[rule].n_per_step, RULES[rule].state_inputs
     tail = [x[t_reset:] if i < n_seq else torch.zeros_like(x) if i in states else x for i, x in enumerate(inputs)]
     fresh = run(rule, tail)
     torch.testing.assert_close(outs[0][t_reset:, 0], fresh[0][:, 0], rtol=0, atol=1e-12)
@@ -123,13 +101,51 @@ def test_inputs_are_not_modified():
 def test_shape_errors_name_the_argument():
     q, k, v, beta, W0 = rule_inputs("delta_rule")
     with pytest.raises(ValueError, match=r"beta has shape \[4, 2, 2, 3\]; expected \[4, 2, 2, 1\]"):
-        ops.delta_rule(q, k, v, v, W0)
-    with pytest.raises(ValueError, match="W0 has shape"):
-        ops.delta_rule(q, k, v, beta, W0[:1])
-    with pytest.raises(ValueError, match="reset has shape"):
-        ops.delta_rule(q, k, v, beta, W0, torch.zeros(3, 2, dtype=torch.bool))
+        REFERENCE.delta_rule(q, k, v, v, W0)
+    with pytest.raises(ValueError, match=r"W0 has shape \[1, 2, 3, 3\]; expected \[2, 2, 3, 3\]"):
+        REFERENCE.delta_rule(q, k, v, beta, W0[:1])
+    with pytest.raises(ValueError, match=r"reset has shape \[3, 2\]; expected \[4, 2\]"):
+        REFERENCE.delta_rule(q, k, v, beta, W0, torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"q has shape \[4, 2, 6\]; expected \[T, B, H, E\]"):
+        REFERENCE.delta_rule(q.flatten(2), k, v, beta, W0)
+    z, kr, vr, br, R0, h0, c0 = rule_inputs("delta_lstm_rule")
+    with pytest.raises(ValueError, match=r"R0 has shape \[2, 2, 2, 3, 3\]; expected \[2, 2, 3, 3, 3\]"):
+        REFERENCE.delta_lstm_rule(z, kr, vr, br, R0[:, :, :2], h0, c0)
+    with pytest.raises(ValueError, match="at least one time step"):
+        REFERENCE.delta_rule(q[:0], k[:0], v[:0], beta[:0], W0)
+
+
+@pytest.mark.parametrize("rule", ops.RULE_NAMES)
+def test_reference_returns_what_the_declaration_says(rule):
+    # y of the declared shape, then one final state per initial state, each shaped like it; a wrong entry in
+    # rules.RULES (which the kernels' autograd glue and the dispatch read) fails here.
+    spec = RULES[rule]
+    inputs = example_inputs(rule, 5, 3, 2, 4, value_size=6 if rule in ("sum_rule", "delta_rule") else None)
+    sizes = spec.check_shapes(tuple(inputs), None)
+    outs = run(rule, inputs)
+    assert len(outs) == len(spec.outputs) == 1 + len(spec.states)
+    assert list(outs[0].shape) == [sizes[dim] if isinstance(dim, str) else dim for dim in spec.y]
+    for out, i in zip(outs[1:], spec.state_inputs):
+        assert out.shape == inputs[i].shape
+    assert set(spec.kernel_saves) <= set(spec.input_names) | set(spec.kernel_results)
+    assert spec.kernel_results[: len(spec.outputs)] == spec.outputs
 
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend 'gpu'.*reference"):
-        ops.sum_rule(*rule_inputs("sum_rule"), backend="gpu")
+        ops.Rules("gpu")
+
+
+def test_a_layer_chooses_its_backend_once_per_device_and_records_it(monkeypatch):
+    rules = ops.Rules("auto")
+    inputs = rule_inputs("sum_rule")
+    monkeypatch.setenv("RFWP_BACKEND", "reference")
+    expected = rules.sum_rule(*inputs)
+    assert rules.ran == {"cpu": "reference"}
+    # Chosen at the first call: a later change of the environment does not reach this layer ...
+    monkeypatch.setenv("RFWP_BACKEND", "no-such-backend")
+    assert all(torch.equal(a, e) for a, e in zip(rules.sum_rule(*inputs), expected))
+    assert rules.ran == {"cpu": "reference"}
+    # ... and a copy chooses again.
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        copy.deepcopy(rules).sum_rule(*inputs)

@@ -3,9 +3,10 @@
 // calls `Impl` on raw pointers: the C++ CPU loops (cpu/rules.cpp) or the CUDA launchers (binding_cuda.cpp).
 // Per rule: `<rule>_forward(*inputs, reset, poison, stream)` returns the rule's outputs followed by what its
 // backward needs, and `<rule>_backward(*saved inputs, reset, *saved results, *output gradients, poison,
-// stream)` returns the gradient of every input (cuda_ext/functions.py). The stream is 0 on the CPU. Python
-// validates shapes with readable errors first; the checks here make a wrong call fail instead of reading or
-// writing out of bounds.
+// stream)` returns the gradient of every input (cuda_ext/functions.py). The stream is 0 on the CPU. Which
+// results and saved tensors each rule has is declared in models/ops/rules.py (`kernel_results`,
+// `kernel_saves`); the argument lists below follow it. Python checks the shapes with readable errors first;
+// the checks here only make a wrong call fail instead of reading or writing out of bounds.
 #pragma once
 
 #include <torch/extension.h>

@@ -1,7 +1,7 @@
 // Thin torch binding of the CUDA kernels: Bindings<CudaImpl> (binding.h) checks the tensors and passes raw
 // float32 pointers and the stream (from Python: torch.cuda.current_stream().cuda_stream) to the launchers of
-// cuda/launchers.h. No c10/cuda or ATen/cuda headers, so this file also compiles against a CPU build of torch
-// (platform.md §7). With RFWP_EMULATE the same launchers run on the CPU under cuda/emulator.h (tests only).
+// cuda/launchers.h. No c10/cuda or ATen/cuda headers, so this file also compiles against a CPU build of torch.
+// With RFWP_EMULATE the same launchers run on the CPU under cuda/emulator.h (tests only).
 #include "binding.h"
 #include "cuda/launchers.h"
 

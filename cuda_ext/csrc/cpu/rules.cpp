@@ -4,9 +4,9 @@
 // The loops mirror the CUDA kernels in ../cuda: one independent chain per (sample, head), the state kept in one
 // buffer for the whole unroll, resets applied inside the loop, and the same backward scheme: one pass
 // in reverse time that rebuilds W_{t-1} = W_t - k_t u_t^T by subtraction and, where step t reset the state,
-// replays the segment before it from the saved writes. Equations and recursions: models.md §1.1, §2, §5;
-// layouts: docs/api.md. Every per-step tensor is contiguous [T, B, H, ...], so chain n = b*H + h of step t
-// starts at (t*N + n) * width.
+// replays the segment before it from the saved writes. Equations: models/ops/reference.py; layouts and
+// recursions: docs/kernels.md §1-§3. Every per-step tensor is contiguous [T, B, H, ...], so chain n = b*H + h
+// of step t starts at (t*N + n) * width.
 //
 // Speed (actors call the forward with T = 1 for every env step): the loops are compiled for head sizes 16, 32
 // and 64 as constants (with_dims), the passes over a matrix keep their column sums in vector registers
@@ -415,7 +415,7 @@ void replay(S* W, const S* W0, int64_t t, int64_t n, const Resets& R, const Writ
   }
 }
 
-// Backward of the write of step t (models.md §5.1, §5.2). On entry W = W_t and G = dL/dW_t including the
+// Backward of the write of step t (docs/kernels.md §3). On entry W = W_t and G = dL/dW_t including the
 // reads of step t; writes dk_t, dv_t and (delta rule) dbeta_t; on exit W = W_{t-1} and G = dL/dW_{t-1}.
 // At a reset step the earlier state influenced nothing: G <- 0 and W is replayed.
 // E, M: the sizes, passed by callers that know them at compile time.
@@ -534,7 +534,7 @@ void linear_backward_loop(const Dims& d, const Resets& R, const S* q, const Writ
   });
 }
 
-// ---- RDN (models.md §2.5, §5.3) ----------------------------------------------------------------------------
+// ---- RDN (docs/kernels.md §2, §3) ----------------------------------------------------------------------------
 
 template <class S>
 struct RdnSlow {  // the slow recurrent weights of one head
@@ -683,7 +683,7 @@ void sum_partials(const S* part, S* out, int64_t P, int64_t H, int64_t size) {
   });
 }
 
-// ---- Delta RNN v2, recurrent part (models.md §2.6, §5.4) --------------------------------------------------
+// ---- Delta RNN v2, recurrent part (docs/kernels.md §2, §3) --------------------------------------------------
 
 template <class S>
 void drnn_forward_loop(const Dims& D, const Resets& R, const S* z, const Writes<S>& w, const S* R0, const S* h0, S* y,
@@ -736,7 +736,7 @@ void drnn_backward_loop(const Dims& D, const Resets& R, const Writes<S>& w, cons
   });
 }
 
-// ---- Delta LSTM v4, recurrent part (models.md §2.7, §5.5); gates g = (i, u, o) ------------------------------
+// ---- Delta LSTM v4, recurrent part (docs/kernels.md §2, §3); gates g = (i, u, o) ------------------------------
 
 template <class S>
 std::array<Writes<S>, 3> lstm_writes(const S* kr, const S* vr, const S* br, const S* vbar, int64_t N, int64_t d) {

@@ -1,7 +1,7 @@
 // Device building blocks shared by the fast-weight kernels. No PyTorch headers: every .cu file compiles with
 // plain `nvcc -c` (CI checks that on a machine without a GPU).
 //
-// Layout (kernels.md §0, §3.3): one thread block per chain (sample b, head h), n = b*H + h. The fast-weight
+// Layout (docs/kernels.md §1): one thread block per chain (sample b, head h), n = b*H + h. The fast-weight
 // matrix W[e][m] (key-major, E x M) lives in registers for the whole unroll: warp w owns the value columns
 // m = w + j*nwarps (j < CPW) and lane l the key rows e = l + 32*r (r < RPL). Column m of W evolves on its own
 // given the step's inputs, so the chain of a delta-rule step (W^T k, the write, W^T q) is a few warp-shuffle
@@ -325,7 +325,7 @@ __device__ void replay(const Tile<RPL, CPW>& tl, float (&W)[RPL][CPW], const flo
   }
 }
 
-// Backward of the write of step t (models.md §5.1, §5.2), whose inputs `in` include the saved vbar. On entry
+// Backward of the write of step t (docs/kernels.md §3), whose inputs `in` include the saved vbar. On entry
 // W = W_t and G = dL/dW_t including the reads of step t. Sets dv (columns), adds this warp's share of
 // dk = G u + W_{t-1} dvbar to `dk`, returns this warp's share of dbeta. On exit W = W_{t-1} and
 // G = dL/dW_{t-1} (zero, and W replayed, where step t reset).

@@ -1,4 +1,4 @@
-// Recurrent part of the Delta LSTM v4 (models.md §2.7, §5.5): three fast recurrent matrices R_g, g = (i, u, o),
+// Recurrent part of the Delta LSTM v4 (docs/kernels.md §2, §3): three fast recurrent matrices R_g, g = (i, u, o),
 // each delta-updated by (kr_g, vr_g, br_g) and read with s = softmax(y_{t-1}); i = σ(.), u linear, o = σ(.);
 // c_t = i u + (1 - i) c_{t-1}; y_t = o c_t. Same structure as the Delta RNN with three matrices: one barrier
 // per step in each direction. The cell state is per column and stays in registers.

@@ -1,4 +1,4 @@
-// Recurrent part of the Delta RNN v2 (models.md §2.6, §5.4): s = softmax(y_{t-1}); a delta-rule write of
+// Recurrent part of the Delta RNN v2 (docs/kernels.md §2, §3): s = softmax(y_{t-1}); a delta-rule write of
 // (kr, vr, br) into R; y_t = R_t^T s + z_t. y_t (columns) becomes s (rows) of the next step through shared
 // memory: one barrier per step in each direction.
 #include "common.cuh"

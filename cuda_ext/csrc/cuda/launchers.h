@@ -1,8 +1,8 @@
 // Host entry points of the CUDA kernels: raw float32 device pointers (contiguous, laid out as in docs/api.md),
 // a reset mask [T, B] of bytes (or null) and a cudaStream_t passed as void*. Each returns null on success or an
 // error message. Included by the .cu files and by the thin torch binding (binding_cuda.cpp); no torch or CUDA
-// headers here. The argument order of each function is the one of cuda_ext/functions.py (results after the
-// inputs, the backward's saved tensors, output gradients, input gradients, then scratch).
+// headers here. The argument order of each function is the one of models/ops/rules.py and binding.h (results
+// after the inputs; the backward's saved tensors, output gradients, input gradients, then scratch).
 #pragma once
 
 #include <stdint.h>

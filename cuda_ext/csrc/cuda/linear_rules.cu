@@ -1,5 +1,5 @@
 // Sum rule (linear transformer) and delta rule (DeltaNet): one kernel pair, the sum rule being a write without
-// vbar and beta (models.md §2.3, §2.4, §5.1, §5.2). Forward: no block barrier at all (each warp's columns
+// vbar and beta (docs/kernels.md §2, §3). Forward: no block barrier at all (each warp's columns
 // evolve alone). Backward: one reverse pass; dq and dk sum over all columns, so each step's per-warp partials
 // go through shared memory (double-buffered, one barrier per step) and are added in a fixed warp order.
 #include "common.cuh"

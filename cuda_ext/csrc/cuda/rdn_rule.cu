@@ -1,4 +1,4 @@
-// Recurrent Delta Net (models.md §2.5, §5.3). q, k, v and beta of step t depend on the whole y_{t-1}, so a step
+// Recurrent Delta Net (docs/kernels.md §2, §3). q, k, v and beta of step t depend on the whole y_{t-1}, so a step
 // needs block-wide exchanges: two barriers per step in each direction. The slow matrices Rq, Rk, Rv of the
 // chain's head sit in registers with the same split as W, so their products are the same warp reductions.
 // Their gradients are per-chain partials, summed over the batch afterwards in a fixed order (no atomics).
