@@ -106,14 +106,15 @@ class Actor:
             float32; `core_state` (list of arrays [N, ...], the state before step 0 was fed), `version` (the
             policy version that chose the actions of steps 1..T; step 0's came with the previous unroll and may be
             one version older: V-trace uses the recorded logits either way), `actor` (index), `incarnation`,
-            `episodes` (list of `Episode` that ended during the unroll) and `frames` (emulator frames of its T new
-            steps).
+            `episodes` (list of `Episode` that ended during the unroll) and `frames` (emulator frames played for it:
+            those of its T new steps and of the resets between them).
         """
         if weights is not None:
             self.load_weights(version, weights)
         if self.version < 0:
             raise RuntimeError("the actor has no policy weights yet: pass version and weights to unroll()")
         episodes: list[Episode] = []
+        frames_before = self.env.frames
         if self._last is None:
             # The first step of a fresh actor: every environment starts an episode (done=True resets the core).
             n = self.env.num_envs
@@ -137,7 +138,7 @@ class Actor:
             "actor": self.index,
             "incarnation": self.incarnation,
             "episodes": episodes,
-            "frames": self.unroll_length * self.env.num_envs * self.env.frameskip,
+            "frames": self.env.frames - frames_before,
         }
 
     def close(self) -> None:

@@ -12,15 +12,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from actors.envs import resolve_game
+from actors.envs import ATARI_PROTOCOLS, resolve_game
 from agent.files import atomic_path
 from models import check_core_name, make_core
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CORE_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "head_dim", "ff_size", "dropout")
-ENV_OPTION_KEYS = (
-    "sticky_actions", "noop_max", "frameskip", "frame_stack", "fire_reset", "episodic_life", "max_episode_frames"
-)
+ENV_OPTION_KEYS = ("atari_protocol", "sticky_actions", "noop_max", "frameskip", "frame_stack", "fire_reset",
+                   "episodic_life", "max_episode_frames")
 POSITIVE_INT_KEYS = ("envs_per_actor", "env_threads", "unroll_length", "unrolls_in_flight", "batch_size",
                      "total_frames", "frameskip", "frame_stack")
 
@@ -91,6 +90,10 @@ def _validate(config: dict) -> None:
     for key in POSITIVE_INT_KEYS:
         if config[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {config[key]}")
+    if config["atari_protocol"] not in ATARI_PROTOCOLS:
+        raise ConfigError(
+            f"atari_protocol must be one of {', '.join(ATARI_PROTOCOLS)}, got {config['atari_protocol']!r}"
+        )
     if config["num_actors"] < 0:
         raise ConfigError(f"num_actors must be 0 (one per CPU) or more, got {config['num_actors']}")
     if config["batch_size"] % config["envs_per_actor"]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actors.envs import resolve_game
+from actors.envs import resolve_game, saved_env_options
 from actors.recording import (
     Trajectory,
     TrajectoryError,
@@ -120,7 +120,8 @@ def describe(values: list[float], seed: int = 0) -> dict:
 
 def env_options_of(checkpoint: dict) -> dict:
     """The environment protocol the checkpoint's run trained with."""
-    return {key: checkpoint["config"][key] for key in ENV_OPTION_KEYS}
+    config = saved_env_options(checkpoint["config"])
+    return {key: config[key] for key in ENV_OPTION_KEYS}
 
 
 def prepare_record_dir(directory: Path, game: str, overwrite: bool) -> None:

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from actors.actor import ActorPool
-from actors.envs import env_spaces, resolve_game
+from actors.envs import ATARI_PROTOCOLS, env_spaces, resolve_game
 from agent.checkpoint import (
     CheckpointMismatchError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 )
@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{default('total_frames')}")
     p.add_argument("--learning-rate", type=float, help=f"RMSProp learning rate {default('learning_rate')}")
     p.add_argument("--entropy-cost", type=float, help=f"entropy regularisation {default('entropy_cost')}")
+    p.add_argument("--atari-protocol", choices=ATARI_PROTOCOLS,
+                   help="paper: the paper's Atari wrappers (FIRE after every lost life, gym's time limits); ale: "
+                   f"ale-py's own vector env, faster {default('atari_protocol')}")
     p.add_argument("--sticky-actions", action="store_true", default=None,
                    help="repeat the previous action with probability 0.25 (Machado et al. 2018; default: off)")
     p.add_argument("--device", help=f"learner device: auto, cpu, cuda, cuda:N {default('device')}")
