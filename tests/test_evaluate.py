@@ -316,3 +316,26 @@ def test_discounted_returns_stop_at_episode_ends_and_clip():
     done = np.array([True, False, True, False])
     returns = discounted_returns(rewards, done, discount=0.5, reward_clip=1.0)
     assert returns == pytest.approx([0.5, 1.0, -0.5, -1.0])
+
+
+def test_negative_returns_are_rejected_and_replaced(tmp_path, capsys):
+    """The memory task's games return +1 or -1: rejected ones are replaced by the next seeds until each run has
+    its games, and the table says what it counts."""
+    write_checkpoint(tmp_path / "memory.pt", seed=0, frames=100, env="memory")
+    [summary] = main(["--checkpoint", str(tmp_path / "memory.pt"), "--episodes", "3", "--runs", "2",
+                      "--reject-negative-returns"])
+    episodes = summary["episodes"]
+    assert [e["seed"] for e in episodes] == list(range(len(episodes)))  # seeds run on through rejected games
+    assert {e["return"] for e in episodes} == {1.0, -1.0}
+    assert all(e["rejected"] == (e["return"] < 0) for e in episodes)
+    assert summary["games_rejected"] == sum(e["return"] < 0 for e in episodes) > 0
+    assert summary["game_returns"]["count"] == 6 and summary["game_returns"]["mean"] == 1.0
+    assert summary["runs"]["means"] == [1.0, 1.0] and summary["life_returns"]["count"] == 6
+    out = capsys.readouterr().out
+    assert "Returns per full game" in out and "not per life" in out
+    assert "rejected games" in out and "mean per life" in out
+    # Without the option every game counts.
+    [plain] = main(["--checkpoint", str(tmp_path / "memory.pt"), "--episodes", "3"])
+    assert [e["seed"] for e in plain["episodes"]] == [0, 1, 2] and plain["games_rejected"] == 0
+    assert plain["game_returns"]["mean"] == pytest.approx(np.mean([e["return"] for e in episodes[:3]]))
+    assert "rejected games" not in capsys.readouterr().out

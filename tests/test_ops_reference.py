@@ -160,7 +160,8 @@ def test_rdn_step_by_hand():
     Rq, Rk, Rv = t([[2 * LN3, 0.0], [9.0, 9.0]], 1, 2, 2), t([[0.0, 2 * LN3], [9.0, 9.0]], 1, 2, 2), \
         t([[2.0, -2.0], [9.0, 9.0]], 1, 2, 2)  # row 1 meets a[1] = 0: it must not matter
     rb = t([2 * LN3, 9.0], 1, 2)
-    qx, kx, vx, bx = t([0.0, 0.0], 1, 1, 1, 2), t([0.0, 0.0], 1, 1, 1, 2), t([1.0, 2.0], 1, 1, 1, 2), t([0.0], 1, 1, 1, 1)
+    qx, kx, vx = t([0.0, 0.0], 1, 1, 1, 2), t([0.0, 0.0], 1, 1, 1, 2), t([1.0, 2.0], 1, 1, 1, 2)
+    bx = t([0.0], 1, 1, 1, 1)
     y, W, h = run("rdn_rule", [qx, kx, vx, bx, Rq, Rk, Rv, rb, t([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2, 2), h0])
     torch.testing.assert_close(W.view(2, 2), t(W1_BY_HAND, 2, 2), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y.view(2), t(READ_BY_HAND, 2), rtol=1e-12, atol=1e-12)
