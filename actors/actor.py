@@ -80,6 +80,7 @@ class Actor:
         if self.version < 0:
             raise RuntimeError("the actor has no policy weights yet: pass version and weights to unroll()")
         episodes: list[Episode] = []
+        frames_before = self.env.frames
         if self._last is None:
             # The first step of a fresh actor: every environment starts an episode (done=True resets the core).
             n = self.env.num_envs
@@ -105,7 +106,7 @@ class Actor:
             incarnation=self.incarnation,
             node=self.node,
             episodes=episodes,
-            frames=self.unroll_length * self.env.num_envs * self.env.frameskip,
+            frames=self.env.frames - frames_before,
         )
 
     def close(self) -> None:

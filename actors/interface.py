@@ -26,6 +26,7 @@ class VectorEnv(Protocol):
     observation_shape: tuple[int, ...]
     observation_dtype: np.dtype
     frameskip: int  # emulator frames per agent step
+    frames: int  # emulator frames played since construction: agent steps' and the environment's own (resets)
 
     def reset(self) -> np.ndarray:
         """New episodes everywhere; obs [N, *observation_shape]."""

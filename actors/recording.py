@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.envs import make_vector_env
+from actors.envs import make_vector_env, saved_env_options
 from actors.policy_step import PolicyStepper
 from models import PolicyNet
 from runio.files import atomic_path, write_json
@@ -272,7 +272,7 @@ def replay(net: PolicyNet, trajectory: Trajectory, device: torch.device | str = 
     changed action, seed, ROM or emulator).
     """
     meta = trajectory.meta
-    env = make_vector_env(meta["game"], 1, seed=meta["seed"], **meta["env_options"])
+    env = make_vector_env(meta["game"], 1, seed=meta["seed"], **saved_env_options(meta["env_options"]))
     if tuple(env.observation_shape) != tuple(net.observation_shape) or meta["num_actions"] != net.num_actions:
         env.close()
         raise TrajectoryError(

@@ -30,6 +30,7 @@ class MemoryEnv:
         self._cue = np.zeros(num_envs, np.int64)
         self._t = np.zeros(num_envs, np.int64)
         self._return = np.zeros(num_envs, np.float64)
+        self.frames = 0
 
     def _observe(self) -> np.ndarray:
         obs = np.zeros((self.num_envs, self.num_cues + 1), np.float32)
@@ -55,6 +56,7 @@ class MemoryEnv:
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
         done = self._t == self.delay + 1
+        self.frames += self.num_envs
         reward = np.where(done, np.where(actions == self._cue, 1.0, -1.0), 0.0).astype(np.float32)
         self._return += reward
         episodes = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import configs
-from actors.envs import resolve_game
+from actors.envs import ATARI_PROTOCOLS, resolve_game
 from models import check_core_name, make_core
 from runio.files import RunFileError, read_yaml, write_yaml
 
@@ -44,10 +44,10 @@ RANGES = {
                      "sliding_batch_size", "sliding_stride", "hidden_size", "num_layers", "num_heads", "head_dim",
                      "ff_size"), _AT_LEAST_1),
     **dict.fromkeys(("learning_rate", "rmsprop_eps", "adam_eps", "reward_clip", "grad_norm_clip", "actor_cpus",
-                     "log_interval_s", "checkpoint_interval_s", "max_episode_frames"), _POSITIVE),
-    **dict.fromkeys(("num_actors", "noop_max", "baseline_cost", "entropy_cost", "learner_threads", "time_limit_s",
-                     "rmsprop_momentum", "warmup_steps", "epochs", "steps", "eval_every", "seed", "data_seed"),
-                    _NON_NEGATIVE),
+                     "log_interval_s", "checkpoint_interval_s", "cluster_timeout_s"), _POSITIVE),
+    **dict.fromkeys(("num_actors", "noop_max", "max_episode_frames", "baseline_cost", "entropy_cost",
+                     "learner_threads", "time_limit_s", "rmsprop_momentum", "warmup_steps", "epochs", "steps",
+                     "eval_every", "seed", "data_seed"), _NON_NEGATIVE),
     "discount": _PROBABILITY,
     "dropout": _OPEN_PROBABILITY,
     "rmsprop_alpha": _OPEN_PROBABILITY,
@@ -190,6 +190,9 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict | None
         raise ConfigError(str(e)) from None
     config["core_kwargs"] = {**load_defaults("cores.yaml").get(config["core"], {}), **core_kwargs}
     check_ranges({**config, **config["core_kwargs"]}, where)
+    if config["atari_protocol"] not in ATARI_PROTOCOLS:
+        raise ConfigError(f"atari_protocol must be one of {', '.join(ATARI_PROTOCOLS)}, got "
+                          f"{config['atari_protocol']!r} (from {where.get('atari_protocol', 'the defaults')})")
     if config["batch_size"] % config["envs_per_actor"]:
         raise ConfigError(
             f"batch_size {config['batch_size']} must be a multiple of envs_per_actor {config['envs_per_actor']}: "

@@ -4,10 +4,12 @@ Two modes, both for one checkpoint or several (files, or run directories meaning
 table row per checkpoint:
 
 - play (default): full games on real ALE with the training protocol of the checkpoint's run (its game and
-  environment options; the paper's test protocol, experiments.md §5.4: greedy actions, the core state carried
-  across steps and reset at every lost life as in training). Game `i` uses env seed `--seed + i` for every
-  checkpoint. Reports full-game returns (the headline) and per-life returns: mean, median, std, min, max and a
-  bootstrap 95% confidence interval of the mean. `--record DIR` keeps a video, a trajectory and `summary.json`.
+  environment options; the paper's test protocol: greedy actions, the core state carried across steps and reset
+  at every lost life as in training). Game `i` uses env seed `--seed + i` for every checkpoint. Reports
+  full-game returns (the headline) and per-life returns: mean, median, std, min, max and a bootstrap 95%
+  confidence interval of the mean. `--record DIR` keeps a video, a trajectory and `summary.json`.
+  `--reject-negative-returns` discards games with a negative return and plays on until each run has
+  `--episodes` others (the paper's scorer for BattleZone and UpNDown).
 - re-score (`--episodes-dir DIR`): replays every episode recorded in DIR in the emulator, checks that it
   reproduces the recorded rewards and observations, and compares the policy's greedy actions and values with
   what was recorded (action agreement; value error against the discounted clipped returns that followed).
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actors.envs import resolve_game
+from actors.envs import env_options, resolve_game
 from actors.recording import (
     Trajectory,
     TrajectoryError,
@@ -34,13 +36,13 @@ from actors.recording import (
     save_trajectory,
     write_json,
 )
-from actors.envs import env_options
 from agent.config import ConfigError, resolve_device
 from learner.rl import CHECKPOINT_KEYS, policy_from_checkpoint
-from runio.checkpoint import CheckpointError, load_checkpoint
 from models import CORE_NAMES, PolicyNet
+from runio.checkpoint import CheckpointError, load_checkpoint
 
 BOOTSTRAP_SAMPLES = 10_000
+MAX_GAMES_PER_KEPT_GAME = 10  # --reject-negative-returns gives up on a run after this many games per game kept
 PROGRESS_EVERY_STEPS = 500
 TRAJECTORY_FILES = ("episode_*.json", "episode_*.npz", "episode_*.mp4", "summary.json")
 
@@ -151,38 +153,54 @@ def evaluate_policy(
     max_steps: int | None,
     device: torch.device,
     record_dir: Path | None,
+    reject_negative_returns: bool = False,
 ) -> dict:
     """Play `runs * episodes` games (env seeds `seed`, `seed + 1`, ...), recording them into `record_dir` if given.
 
+    With `reject_negative_returns`, a game with a negative return is not counted and the run plays another game
+    (the next seed) instead, up to MAX_GAMES_PER_KEPT_GAME * `episodes` games per run.
+
     Returns the summary (also written as summary.json): the checkpoint, its frames, game and core, the protocol,
-    `game_returns` and `life_returns` (`describe` of the full-game and per-life returns), `runs` (the mean
-    return of each run of `episodes` games, and their mean and std), `games_cut_by_max_steps` and `episodes`
-    (seed, return, per-life returns, steps and how each game ended).
+    `game_returns` and `life_returns` (`describe` of the full-game and per-life returns of the counted games),
+    `runs` (the mean return of each run's counted games, and their mean and std), `games_cut_by_max_steps`,
+    `games_rejected` and `episodes` (seed, return, per-life returns, steps, how each game ended and whether it
+    was rejected).
     """
     game, options = checkpoint["game"], env_options(checkpoint["config"])
     frames = int(checkpoint["learner"]["frames"])
     metas: list[dict] = []
+    run_returns: list[list[float]] = []
     with tqdm(total=runs * episodes, desc=label, unit="game", dynamic_ncols=True) as bar:
 
         def show_steps(steps: int) -> None:
-            if steps % PROGRESS_EVERY_STEPS == 0:  # a full game lasts up to 27k steps: show that it moves
+            if steps % PROGRESS_EVERY_STEPS == 0:  # a full game lasts up to 100k steps: show that it moves
                 bar.set_postfix(steps=steps)
 
-        for i in range(runs * episodes):
-            stem = f"episode_{i:04d}"
-            trajectory = play_episode(
-                net, game, options, seed + i, greedy=greedy, max_steps=max_steps, device=device,
-                video_path=record_dir / f"{stem}.mp4" if record_dir is not None else None,
-                meta={"checkpoint": str(path), "frames": frames, "core": checkpoint["model_spec"]["core"]},
-                on_step=show_steps,
-            )
-            if record_dir is not None:
-                save_trajectory(trajectory, record_dir, stem)
-            metas.append({"episode": stem, **trajectory.meta})
-            bar.set_postfix(last=f"{trajectory.meta['return']:g}", steps=trajectory.meta["steps"])
-            bar.update()
-    returns = [m["return"] for m in metas]
-    run_means = [float(np.mean(returns[r * episodes:(r + 1) * episodes])) for r in range(runs)]
+        for _ in range(runs):
+            kept: list[float] = []
+            for _ in range(MAX_GAMES_PER_KEPT_GAME * episodes if reject_negative_returns else episodes):
+                i = len(metas)
+                stem = f"episode_{i:04d}"
+                trajectory = play_episode(
+                    net, game, options, seed + i, greedy=greedy, max_steps=max_steps, device=device,
+                    video_path=record_dir / f"{stem}.mp4" if record_dir is not None else None,
+                    meta={"checkpoint": str(path), "frames": frames, "core": checkpoint["model_spec"]["core"]},
+                    on_step=show_steps,
+                )
+                if record_dir is not None:
+                    save_trajectory(trajectory, record_dir, stem)
+                rejected = reject_negative_returns and trajectory.meta["return"] < 0
+                metas.append({"episode": stem, **trajectory.meta, "rejected": rejected})
+                bar.set_postfix(last=f"{trajectory.meta['return']:g}", steps=trajectory.meta["steps"])
+                if not rejected:
+                    kept.append(trajectory.meta["return"])
+                    bar.update()
+                    if len(kept) == episodes:
+                        break
+            run_returns.append(kept)
+    counted = [m for m in metas if not m["rejected"]]
+    returns = [m["return"] for m in counted]
+    run_means = [float(np.mean(r)) if r else float("nan") for r in run_returns]
     return {
         "checkpoint": label,
         "checkpoint_path": str(path),
@@ -190,13 +208,15 @@ def evaluate_policy(
         "game": game,
         "core": checkpoint["model_spec"]["core"],
         "protocol": {"policy": "greedy" if greedy else "sampled", "episodes": episodes, "runs": runs, "seed": seed,
-                     "max_steps": max_steps, "env_options": options},
+                     "max_steps": max_steps, "reject_negative_returns": reject_negative_returns,
+                     "env_options": options},
         "game_returns": describe(returns),
-        "life_returns": describe([r for m in metas for r in m["life_returns"]]),
+        "life_returns": describe([r for m in counted for r in m["life_returns"]]),
         "runs": {"means": run_means, "mean": float(np.mean(run_means)), "std": float(np.std(run_means))},
-        "games_cut_by_max_steps": sum(m["ended"] == "max_steps" for m in metas),
-        "episodes": [{key: m[key] for key in ("episode", "seed", "return", "life_returns", "steps", "ended")}
-                     for m in metas],
+        "games_cut_by_max_steps": sum(m["ended"] == "max_steps" for m in counted),
+        "games_rejected": len(metas) - len(counted),
+        "episodes": [{key: m[key] for key in ("episode", "seed", "return", "life_returns", "steps", "ended",
+                                              "rejected")} for m in metas],
     }
 
 
@@ -256,17 +276,25 @@ def _number(x: float | None, spec: str = ".2f") -> str:
 
 
 def evaluation_table(summaries: list[dict]) -> str:
-    headers = ["checkpoint", "frames", "games", "mean", "median", "std", "min", "max", "95% CI", "life mean"]
+    """Returns per full game (mean to 95% CI and the run means) beside the mean return per life, under a title
+    line that says so."""
+    headers = ["checkpoint", "frames", "full games", "mean", "median", "std", "min", "max", "95% CI",
+               "mean per life"]
     with_runs = summaries[0]["protocol"]["runs"] > 1
+    rejecting = summaries[0]["protocol"]["reject_negative_returns"]
     headers += ["run means (mean ± std)"] if with_runs else []
+    headers += ["rejected games"] if rejecting else []
     rows = []
     for s in summaries:
         g = s["game_returns"]
         row = [s["checkpoint"], f"{s['frames']:,}", str(g["count"]),
                *(_number(g[k]) for k in ("mean", "median", "std")), _number(g["min"], "g"), _number(g["max"], "g"),
                f"[{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]", _number(s["life_returns"]["mean"])]
-        rows.append(row + ([f"{s['runs']['mean']:.2f} ± {s['runs']['std']:.2f}"] if with_runs else []))
-    return format_table(headers, rows)
+        row += [f"{s['runs']['mean']:.2f} ± {s['runs']['std']:.2f}"] if with_runs else []
+        rows.append(row + ([str(s["games_rejected"])] if rejecting else []))
+    title = ("Returns per full game (to game over or the time limit), not per life; 'mean per life' averages the "
+             "return of each life" + ("; games with a negative return were rejected and replaced" if rejecting else ""))
+    return title + "\n" + format_table(headers, rows)
 
 
 def rescore_table(results: list[dict], episodes: int) -> str:
@@ -298,8 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", action="store_true", help="sample actions from the policy instead of the argmax")
     p.add_argument("--seed", type=int, default=0, help="env seed of the first game; game i uses seed + i (default: 0)")
     p.add_argument("--max-steps", type=int,
-                   help="cut each game after this many agent steps (default: none; the ALE ends a game after "
-                   "108k frames)")
+                   help="cut each game after this many agent steps (default: none; the protocol's time limit ends "
+                   "a game: 400k frames for most games with the paper's, 108k with ale-py's)")
+    p.add_argument("--reject-negative-returns", action="store_true",
+                   help="discard games with a negative return and play others until each run has --episodes "
+                   "games (the paper's scorer for BattleZone and UpNDown, against a suspected emulator bug)")
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="write a video (.mp4), a trajectory (.npz + .json) per game and summary.json to DIR "
                    "(DIR/<checkpoint> for several checkpoints)")
@@ -352,6 +383,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         summary = evaluate_policy(
             net, checkpoint, path, label, episodes=args.episodes, runs=args.runs, greedy=not args.sample,
             seed=args.seed, max_steps=args.max_steps, device=device, record_dir=record_dir,
+            reject_negative_returns=args.reject_negative_returns,
         )
         if record_dir is not None:
             write_json(summary, record_dir / "summary.json")
@@ -366,9 +398,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"{episode['episode']} did not replay as recorded: {episode['mismatch']}")
     else:
         games = args.runs * args.episodes
+        played = max(len(r["episodes"]) for r in results)
         print(f"\n{', '.join(sorted({r['game'] for r in results}))}: {games} full games per checkpoint, {first['protocol']['policy']} actions, "
-              f"env seeds {args.seed}..{args.seed + games - 1}"
+              f"env seeds {args.seed}..{args.seed + played - 1}"
               + (f", at most {args.max_steps} steps per game" if args.max_steps else ""))
+        for r in results:
+            if r["game_returns"]["count"] < games:
+                print(f"{r['checkpoint']}: only {r['game_returns']['count']} of {len(r['episodes'])} games played had "
+                      "a non-negative return; its row counts those")
         print(evaluation_table(results))
         if args.record is not None:
             print(f"Videos, trajectories and summary.json in {args.record}")

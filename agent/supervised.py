@@ -35,6 +35,8 @@ TASK_CONFIGS = {
 # Keys that only one task reads: giving them for another task is an error rather than silently ignored.
 TASK_ONLY_KEYS = {"variables": "code_exec", "statements": "code_exec", "depth": "listops"}
 MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "ff_size")
+POSITIONAL_ENCODINGS = ("auto", "sinusoidal", "none")
+BLOCK_ORDERS = ("auto", "pre_ln", "post_ln")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train_args.add_argument("--carry-state", action="store_true", default=None,
                             help="wikitext103: carry each core's final state, detached, into the next segment "
                             "of the same stream (the paper's 'full context' setting; default: off)")
+    train_args.add_argument("--positional-encoding", choices=POSITIONAL_ENCODINGS,
+                            help="wikitext103: sinusoidal encoding of the position in the segment, or none; auto: "
+                            "the paper's choice, none with --carry-state, else sinusoidal (default: auto)")
+    train_args.add_argument("--block-order", choices=BLOCK_ORDERS,
+                            help="wikitext103: LayerNorm before each sub-layer (pre_ln) or after its residual sum "
+                            "(post_ln); auto: the paper's choice, post_ln with --carry-state, else pre_ln "
+                            "(default: auto)")
     train_args.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     train_args.add_argument("--backend", choices=BACKEND_NAMES, help="fast-weight rule backend (default: auto)")
     train_args.add_argument("--seed", type=int, help="seeds the model and the data order (defaults: 11, 1111)")
@@ -117,9 +126,12 @@ def resolve_config(task: str, config_file: str | Path | None = None, overrides: 
             f"--carry-state needs a core with a state to carry; {config['core']!r} has none. Use a fast-weight "
             "core (e.g. delta_net, rec_delta, delta_rnn) or the lstm"
         )
-    if task == "wikitext103" and config["sliding_stride"] > config["segment_len"]:
-        raise ConfigError(f"sliding_stride {config['sliding_stride']} is larger than segment_len "
-                          f"{config['segment_len']}: the sliding evaluation would skip tokens; lower --sliding-stride")
+    if task == "wikitext103":
+        if config["sliding_stride"] > config["segment_len"]:
+            raise ConfigError(f"sliding_stride {config['sliding_stride']} is larger than segment_len "
+                              f"{config['segment_len']}: the sliding evaluation would skip tokens; lower "
+                              "--sliding-stride")
+        resolve_lm_layout(config)
     resolve_device(config["device"])
     if config["name"] is None:
         variant = config.get({"code_exec": "variables", "listops": "depth"}.get(task), "")
@@ -127,12 +139,25 @@ def resolve_config(task: str, config_file: str | Path | None = None, overrides: 
     return config
 
 
+def resolve_lm_layout(config: dict) -> None:
+    """Check `positional_encoding` and `block_order`, and replace `auto` by the paper's choice for the context
+    handling: its full-context models (carry_state) have no positional encoding and post-LN blocks, its
+    truncated-context ones sinusoidal encoding and pre-LN blocks."""
+    for key, choices in (("positional_encoding", POSITIONAL_ENCODINGS), ("block_order", BLOCK_ORDERS)):
+        if config[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    if config["positional_encoding"] == "auto":
+        config["positional_encoding"] = "none" if config["carry_state"] else "sinusoidal"
+    if config["block_order"] == "auto":
+        config["block_order"] = "post_ln" if config["carry_state"] else "pre_ln"
+
+
 def identity(config: dict) -> dict:
     """The settings a checkpoint must share with the run that resumes it: task, data and model."""
     keys = ["task", "core", *MODEL_KEYS]
     keys += {"code_exec": ["variables", "statements", "split_sizes", "data_seed"],
              "listops": ["depth", "split_sizes", "data_seed"],
-             "wikitext103": ["cutoffs", "tie_weights"]}[config["task"]]
+             "wikitext103": ["cutoffs", "tie_weights", "positional_encoding", "block_order"]}[config["task"]]
     return {key: config[key] for key in keys}
 
 
@@ -145,7 +170,9 @@ def run(config: dict, progress: bool = True) -> dict[str, float]:
     if config["task"] == "wikitext103":
         corpus = load_corpus(config["data_dir"], progress=progress)
         model = LanguageModel(corpus.vocab_size, config["core"], cutoffs=config["cutoffs"] or None,
-                              tie_weights=config["tie_weights"], backend=config["backend"], **sizes)
+                              tie_weights=config["tie_weights"], backend=config["backend"],
+                              positional_encoding=config["positional_encoding"] == "sinusoidal",
+                              pre_norm=config["block_order"] == "pre_ln", **sizes)
         task = LanguageModelTask(
             corpus, config["batch_size"], config["segment_len"], device, carry_state=config["carry_state"],
             eval_batch_size=config["eval_batch_size"], sliding_stride=config["sliding_stride"],

@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from actors.cluster import ClusterError
+from actors.envs import ATARI_PROTOCOLS
+from actors.cluster import ClusterError
 from agent.config import CORE_SIZE_KEYS, ConfigError, add_core_size_flags, load_defaults, resolve_config, resolve_device
 from learner.rl import train
 from models import CORE_NAMES
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{default('total_frames')}")
     p.add_argument("--learning-rate", type=float, help=f"RMSProp learning rate {default('learning_rate')}")
     p.add_argument("--entropy-cost", type=float, help=f"entropy regularisation {default('entropy_cost')}")
+    p.add_argument("--atari-protocol", choices=ATARI_PROTOCOLS,
+                   help="paper: the paper's Atari wrappers (FIRE after every lost life, gym's time limits); ale: "
+                   f"ale-py's own vector env, faster {default('atari_protocol')}")
     p.add_argument("--sticky-actions", action="store_true", default=None,
                    help="repeat the previous action with probability 0.25 (Machado et al. 2018; default: off)")
     p.add_argument("--device", help=f"learner device: auto, cpu, cuda, cuda:N {default('device')}")

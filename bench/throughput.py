@@ -6,7 +6,9 @@ For each core it trains (`learner.rl.train`, the paper's model sizes) for `--war
 the frames the learner consumed per second over the last `--seconds` (from the run's logs.csv). Next to it,
 the same actors' vectorised environments (same number of actors, environments per actor, threads and Ray CPUs)
 step with random actions for `--seconds`: the ceiling that emulation alone allows on these cores. Frames are
-emulator frames (agent steps x frameskip 4).
+emulator frames: agent steps x frameskip 4, plus the frames the environment plays itself (no-op starts, and with
+the paper's protocol the NOOP/FIRE/2 steps after every lost life). `--atari-protocol` picks the environment
+(the paper's wrapper chain by default, or ale-py's vector env); the table's title names it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import ray
 import torch
 
 from actors.cluster import connect_ray
-from actors.envs import env_options, make_vector_env
+from actors.envs import ATARI_PROTOCOLS, env_options, make_vector_env
 from agent.config import resolve_config, resolve_device
 from learner.rl import train
 
@@ -39,18 +41,21 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+PROTOCOL_NAMES = {"paper": "the paper's wrapper chain (FIRE after every lost life, gym's time limits)",
+                  "ale": "ale-py's C++ vector env (FIRE only at a new game, 108k-frame cap)"}
+
+
 @ray.remote
 def random_play(game: str, num_envs: int, options: dict, seconds: float, seed: int) -> int:
     """Emulator frames stepped in `seconds` by one vector env taking uniformly random actions."""
     env = make_vector_env(game, num_envs, seed=seed, **options)
     rng = np.random.default_rng(seed)
     env.reset()
-    steps, start = 0, time.perf_counter()
+    frames_before, start = env.frames, time.perf_counter()
     while time.perf_counter() - start < seconds:
         env.step(rng.integers(0, env.num_actions, num_envs))
-        steps += num_envs
     env.close()
-    return steps * env.frameskip
+    return env.frames - frames_before
 
 
 def raw_env_fps(config: dict, num_actors: int, seconds: float) -> float:
@@ -88,6 +93,8 @@ def main() -> None:
     p.add_argument("--unroll-length", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--atari-protocol", choices=ATARI_PROTOCOLS, default="paper",
+                   help="paper: the paper's wrapper chain; ale: ale-py's vector env (default: paper)")
     args = p.parse_args()
 
     connect_ray(None)
@@ -100,6 +107,7 @@ def main() -> None:
                 "unroll_length": args.unroll_length, "batch_size": args.batch_size, "device": args.device,
                 "runs_dir": runs_dir, "name": f"bench_{core}", "time_limit_s": args.warmup + args.seconds,
                 "log_interval_s": 5, "checkpoint_interval_s": 10**9, "snapshot_frames": [],
+                "atari_protocol": args.atari_protocol,
             })
             for core in args.cores.split(",")
         }
@@ -111,6 +119,7 @@ def main() -> None:
     print(f"\nMachine: {os.cpu_count()} CPUs ({cpu_name()}), learner on {device}, "
           f"torch {torch.__version__}; {args.env}, {num_actors} actor(s) x {args.envs_per_actor} envs, "
           f"T={args.unroll_length}, B={args.batch_size}; {args.seconds:g} s measured after {args.warmup:g} s")
+    print(f"Atari protocol: {PROTOCOL_NAMES[args.atari_protocol]} (--atari-protocol {args.atari_protocol})")
     print("| core | training frames/s | random-action env frames/s | ratio | updates/s | policy lag |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for core, r in results.items():

@@ -102,9 +102,12 @@ class LSTMCore(Core):
 
 
 class FastWeightCore(Core):
-    """Input projection, then `num_layers` pre-LayerNorm blocks:
-    x' = x + out(FastWeight(slow(LN(x)))), x'' = x' + FF(LN(x')), with FF = Linear -> ReLU -> Dropout -> Linear
-    -> Dropout. No final LayerNorm (as in the reference code). State: the layers' states, concatenated."""
+    """Input projection, then `num_layers` blocks, pre-LayerNorm by default (the RL and algorithmic code, and the
+    paper's truncated-context language models):
+    x' = x + out(FastWeight(slow(LN(x)))), x'' = x' + FF(LN(x')); or post-LayerNorm (`pre_norm=False`, the
+    full-context language models): x' = LN(x + out(FastWeight(slow(x)))), x'' = LN(x' + FF(x')).
+    FF = Linear -> ReLU -> Dropout -> Linear -> Dropout. No final LayerNorm (as in the reference code). State: the
+    layers' states, concatenated."""
 
     def __init__(
         self,
@@ -114,9 +117,10 @@ class FastWeightCore(Core):
         num_layers: int,
         ff_size: int,
         dropout: float,
+        pre_norm: bool = True,
     ):
         super().__init__()
-        self.input_size, self.output_size = input_size, hidden_size
+        self.input_size, self.output_size, self.pre_norm = input_size, hidden_size, pre_norm
         self.input_proj = nn.Linear(input_size, hidden_size)
         self.fw_norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         self.fw_layers = nn.ModuleList(make_layer() for _ in range(num_layers))
@@ -141,9 +145,14 @@ class FastWeightCore(Core):
         for fw_norm, layer, ff_norm, ff, count in zip(
             self.fw_norms, self.fw_layers, self.ff_norms, self.ffs, self._state_counts
         ):
-            y, layer_state = layer(fw_norm(x), state[offset : offset + count], reset)
-            x = x + self.dropout(y)
-            x = x + ff(ff_norm(x))
+            if self.pre_norm:
+                y, layer_state = layer(fw_norm(x), state[offset : offset + count], reset)
+                x = x + self.dropout(y)
+                x = x + ff(ff_norm(x))
+            else:
+                y, layer_state = layer(x, state[offset : offset + count], reset)
+                x = fw_norm(x + self.dropout(y))
+                x = ff_norm(x + ff(x))
             new_state += layer_state
             offset += count
         return x, tuple(new_state)
@@ -179,9 +188,11 @@ def make_core(
     dropout: float = 0.0,
     depth: int = 1,
     backend: str = "auto",
+    pre_norm: bool = True,
 ) -> Core:
     """Build a core by name. `head_dim` defaults to hidden_size // num_heads and must satisfy
-    num_heads * head_dim == hidden_size for the fast-weight cores. `depth` is the Delta MLP's fast-net depth.
+    num_heads * head_dim == hidden_size for the fast-weight cores. `depth` is the Delta MLP's fast-net depth;
+    `pre_norm` picks the fast-weight blocks' LayerNorm position (see `FastWeightCore`).
     Arguments a core does not use are ignored (e.g. num_heads for "lstm")."""
     check_core_name(name)
     if name == "none":
@@ -203,4 +214,4 @@ def make_core(
     def make_layer() -> FastWeightLayer:
         return layer_cls(hidden_size, num_heads, head_dim, backend=backend, **extra)
 
-    return FastWeightCore(make_layer, input_size, hidden_size, num_layers, ff_size, dropout)
+    return FastWeightCore(make_layer, input_size, hidden_size, num_layers, ff_size, dropout, pre_norm)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cores import CORE_NAMES, Core, State, check_core_name, make_core
-from models.transformer import TransformerCore
+from models.transformer import TransformerCore, sinusoidal_encoding
 
 SUPERVISED_CORE_NAMES: tuple[str, ...] = (*CORE_NAMES, "transformer")
 # WikiText-103's adaptive softmax (experiments.md §4.1): cutoffs for its 267,735-word vocabulary.
@@ -32,17 +32,23 @@ def build_core(
     ff_size: int,
     dropout: float,
     backend: str = "auto",
+    pre_norm: bool = True,
+    positional_encoding: bool = True,
 ) -> Core:
-    """A registry core (`make_core`, head_dim = hidden_size // num_heads) or the causal Transformer baseline."""
+    """A registry core (`make_core`, head_dim = hidden_size // num_heads) or the causal Transformer baseline.
+
+    `pre_norm` picks pre- or post-LayerNorm blocks; `positional_encoding` is the Transformer's own (the
+    registry's cores have none)."""
     if name == "transformer":
-        return TransformerCore(input_size, hidden_size, num_layers, num_heads, ff_size, dropout)
+        return TransformerCore(input_size, hidden_size, num_layers, num_heads, ff_size, dropout, pre_norm,
+                               positional_encoding)
     try:
         check_core_name(name)
     except ValueError as error:
         raise ValueError(f"{error}, transformer (supervised tasks only)") from None
     return make_core(
         name, input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        ff_size=ff_size, dropout=dropout, backend=backend,
+        ff_size=ff_size, dropout=dropout, backend=backend, pre_norm=pre_norm,
     )
 
 
@@ -50,7 +56,9 @@ class SequenceTagger(nn.Module):
     """A prediction at every position: embedding -> core (its input projection first) -> linear head.
 
     Code execution scores every position; ListOps only the last one (the targets mark which).
-    Defaults are the paper's algorithmic-task sizes (experiments.md §2.4).
+    Defaults are the paper's algorithmic-task sizes. As in the algorithmic tasks' reference code, fast-weight
+    cores have pre-LN blocks and no positional encoding; the Transformer baseline has post-LN blocks and
+    sinusoidal encoding.
     """
 
     def __init__(
@@ -67,7 +75,8 @@ class SequenceTagger(nn.Module):
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.core = build_core(core, hidden_size, hidden_size, num_layers, num_heads, ff_size, dropout, backend)
+        self.core = build_core(core, hidden_size, hidden_size, num_layers, num_heads, ff_size, dropout, backend,
+                               pre_norm=core != "transformer")
         self.head = nn.Linear(self.core.output_size, num_classes)
 
     def forward(self, tokens: Tensor, reset: Tensor | None = None) -> Tensor:
@@ -88,7 +97,12 @@ def scaled_cutoffs(vocab_size: int) -> list[int]:
 
 
 class LanguageModel(nn.Module):
-    """Word-level LM: Dropout(√D · embedding) -> core -> Dropout -> adaptive softmax.
+    """Word-level LM: Dropout(√D · embedding + positional encoding) -> core -> Dropout -> adaptive softmax.
+
+    The positional encoding (`positional_encoding`) is Transformer-XL's sinusoidal one at descending positions:
+    the last token of a segment is at position 0, the first at T − 1. The core's blocks are pre-LN or post-LN
+    (`pre_norm`). The paper's truncated-context models use both the encoding and pre-LN blocks (the defaults);
+    its full-context models, which carry their state across segments, use neither.
 
     The adaptive softmax is `nn.AdaptiveLogSoftmaxWithLoss` with div_value 1 (every cluster has full width D).
     With `tie_weights` the input embedding *is* the softmax's word vectors (head shortlist rows followed by
@@ -112,10 +126,13 @@ class LanguageModel(nn.Module):
         tie_weights: bool = True,
         backend: str = "auto",
         init_std: float = 0.02,
+        positional_encoding: bool = True,
+        pre_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.hidden_size = hidden_size
-        self.core = build_core(core, hidden_size, hidden_size, num_layers, num_heads, ff_size, dropout, backend)
+        self.hidden_size, self.positional_encoding = hidden_size, positional_encoding
+        self.core = build_core(core, hidden_size, hidden_size, num_layers, num_heads, ff_size, dropout, backend,
+                               pre_norm=pre_norm, positional_encoding=False)
         self.dropout = nn.Dropout(dropout)
         self.softmax = nn.AdaptiveLogSoftmaxWithLoss(
             self.core.output_size, vocab_size, cutoffs or scaled_cutoffs(vocab_size), div_value=1.0, head_bias=True
@@ -153,6 +170,9 @@ class LanguageModel(nn.Module):
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device)
         x = F.embedding(inputs, self.word_vectors()) * math.sqrt(self.hidden_size)
+        if self.positional_encoding:
+            positions = torch.arange(inputs.shape[0] - 1, -1, -1, device=inputs.device)
+            x = x + sinusoidal_encoding(positions, self.hidden_size).to(x.dtype)[:, None]
         h, state = self.core(self.dropout(x), state, reset)
         return self.dropout(h), state
 

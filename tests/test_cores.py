@@ -1,10 +1,13 @@
 """The core contract for every core: continuity across calls, resets, backpropagation through the unroll,
 the RL configurations' parameter counts and clear errors."""
+import math
+
 import pytest
 import torch
 
 from models import CORE_NAMES, PolicyNet, make_core
 from models.ops import backends_ran
+from models.layers import DeltaNetLayer, LinearTransformerLayer
 
 RECURRENT_CORES = [name for name in CORE_NAMES if name != "none"]
 SMALL = dict(hidden_size=8, num_layers=2, num_heads=2, head_dim=4, ff_size=16, depth=2)
@@ -174,3 +177,23 @@ def test_wrong_input_shapes_are_refused():
         core(x, core.initial_state(B + 1), reset)
     with pytest.raises(ValueError, match="observation shape"):
         PolicyNet((84, 84), num_actions=4, core="none")
+
+
+@pytest.mark.parametrize("layer_class, beta", [(LinearTransformerLayer, 1.0), (DeltaNetLayer, 0.5)])
+def test_one_step_of_elu1_sum_normalised_layers_by_hand(layer_class, beta):
+    """Identity slow projection, one head of size 2, zero fast weights: the input is the split [q | k | v (| β)].
+    q = elu1(0, 0) = (1, 1) and k = elu1(1, −1) = (2, 1/e), each divided by its sum (+ 1e-5); one write of v
+    (scaled by β = σ(0) = 1/2 in the Delta Net) read back with q gives y = (k·q) β v, about (1/2, −1) β."""
+    per_head = 6 if layer_class is LinearTransformerLayer else 7
+    layer = layer_class(hidden_size=per_head, num_heads=1, head_dim=2, backend="reference").double()
+    with torch.no_grad():
+        layer.slow.weight.copy_(torch.eye(per_head))
+        layer.out.weight.zero_()
+        layer.out.weight[:2] = torch.eye(2)
+    a = torch.tensor([0.0, 0.0, 1.0, -1.0, 2.0, -4.0, 0.0][:per_head], dtype=torch.float64).view(1, 1, per_head)
+    y, _ = layer(a, layer.initial_state(1, None, torch.float64), None)
+    q = [1 / (2 + 1e-5), 1 / (2 + 1e-5)]
+    k = [2 / (2 + math.exp(-1) + 1e-5), math.exp(-1) / (2 + math.exp(-1) + 1e-5)]
+    kq = k[0] * q[0] + k[1] * q[1]
+    expected = torch.tensor([kq * beta * 2.0, kq * beta * -4.0] + [0.0] * (per_head - 2), dtype=torch.float64)
+    torch.testing.assert_close(y.view(-1), expected, rtol=1e-12, atol=1e-12)

@@ -27,9 +27,10 @@ from runio.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # Env seeds 2 and 3 with this sampled policy give Breakout games that end (game over) within 200 steps and
-# score points; greedy games are cut at 120 steps.
+# score points; greedy games are cut at 60 steps (an untrained greedy policy loses a game in about 100: the
+# environment presses FIRE after every lost life).
 SAMPLED = ["--sample", "--seed", "2", "--episodes", "2", "--max-steps", "300"]
-GREEDY = ["--seed", "0", "--episodes", "2", "--max-steps", "120"]
+GREEDY = ["--seed", "0", "--episodes", "2", "--max-steps", "60"]
 
 
 def write_checkpoint(path: Path, *, seed: int, frames: int, env: str = "breakout") -> None:
@@ -188,7 +189,7 @@ def test_replay_detects_an_altered_action_or_reward(sampled, run_dir):
 def test_rescoring_own_greedy_episodes_agrees_fully(greedy, run_dir):
     directory, _ = greedy
     [result] = main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--episodes-dir", str(directory)])
-    assert result["episodes_reproduced"] == 2 and result["steps_compared"] == 240
+    assert result["episodes_reproduced"] == 2 and result["steps_compared"] == 120
     assert result["action_agreement"] == 1.0
     assert result["value_mae"] == pytest.approx(result["recorded_value_mae"], rel=1e-12)
 
@@ -207,10 +208,10 @@ def test_rescoring_a_run_directory_compares_checkpoints_on_the_same_episodes(gre
         assert r["episodes_reproduced"] == 1
         assert [e["reproduced"] for e in r["episodes"]] == [True, False]
         assert r["episodes"][1]["mismatch"].startswith("step 5:")
-        assert r["steps_compared"] == 120 + 6
+        assert r["steps_compared"] == 60 + 6
     other, same = results
     # The policy that recorded the episodes disagrees only with the altered action.
-    assert same["action_agreement"] == 125 / 126 and same["value_mae"] == pytest.approx(same["recorded_value_mae"])
+    assert same["action_agreement"] == 65 / 66 and same["value_mae"] == pytest.approx(same["recorded_value_mae"])
     assert other["value_mae"] != pytest.approx(other["recorded_value_mae"])  # other weights, other values
     assert json.loads(output.read_text())["results"] == json.loads(json.dumps(results))
     table = capsys.readouterr().out
@@ -315,3 +316,26 @@ def test_discounted_returns_stop_at_episode_ends_and_clip():
     done = np.array([True, False, True, False])
     returns = discounted_returns(rewards, done, discount=0.5, reward_clip=1.0)
     assert returns == pytest.approx([0.5, 1.0, -0.5, -1.0])
+
+
+def test_negative_returns_are_rejected_and_replaced(tmp_path, capsys):
+    """The memory task's games return +1 or -1: rejected ones are replaced by the next seeds until each run has
+    its games, and the table says what it counts."""
+    write_checkpoint(tmp_path / "memory.pt", seed=0, frames=100, env="memory")
+    [summary] = main(["--checkpoint", str(tmp_path / "memory.pt"), "--episodes", "3", "--runs", "2",
+                      "--reject-negative-returns"])
+    episodes = summary["episodes"]
+    assert [e["seed"] for e in episodes] == list(range(len(episodes)))  # seeds run on through rejected games
+    assert {e["return"] for e in episodes} == {1.0, -1.0}
+    assert all(e["rejected"] == (e["return"] < 0) for e in episodes)
+    assert summary["games_rejected"] == sum(e["return"] < 0 for e in episodes) > 0
+    assert summary["game_returns"]["count"] == 6 and summary["game_returns"]["mean"] == 1.0
+    assert summary["runs"]["means"] == [1.0, 1.0] and summary["life_returns"]["count"] == 6
+    out = capsys.readouterr().out
+    assert "Returns per full game" in out and "not per life" in out
+    assert "rejected games" in out and "mean per life" in out
+    # Without the option every game counts.
+    [plain] = main(["--checkpoint", str(tmp_path / "memory.pt"), "--episodes", "3"])
+    assert [e["seed"] for e in plain["episodes"]] == [0, 1, 2] and plain["games_rejected"] == 0
+    assert plain["game_returns"]["mean"] == pytest.approx(np.mean([e["return"] for e in episodes[:3]]))
+    assert "rejected games" not in capsys.readouterr().out

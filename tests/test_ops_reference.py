@@ -1,6 +1,7 @@
 """The reference update rules: hand-worked cases, float64 gradcheck (including the initial state), resets and
 the shape checks of the dispatch layer."""
 import copy
+import math
 
 import pytest
 import torch
@@ -149,3 +150,61 @@ def test_a_layer_chooses_its_backend_once_per_device_and_records_it(monkeypatch)
     # ... and a copy chooses again.
     with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
         copy.deepcopy(rules).sum_rule(*inputs)
+
+
+# --- One forward step of the recurrent rules, worked out by hand ------------------------------------------------
+# Shared numbers: s (or q) = softmax((ln 3, 0)) = (3/4, 1/4); key (1/4, 3/4); value (2, 1); β = 3/4;
+# W0 = [[1, 0], [0, 2]] (key-major: row e is what key e_e retrieves).
+# Delta write: v̄ = W0ᵀk = 1/4 (1, 0) + 3/4 (0, 2) = (1/4, 3/2); u = 3/4 ((2, 1) − v̄) = (21/16, −3/8);
+# W1 = W0 + k uᵀ = [[1 + 21/64, −3/32], [63/64, 2 − 9/32]] = [[85/64, −3/32], [63/64, 55/32]].
+# Read with (3/4, 1/4): W1ᵀ(3/4, 1/4) = (3/4·85/64 + 1/4·63/64, −3/4·3/32 + 1/4·55/32) = (159/128, 23/64).
+LN3 = math.log(3.0)
+W1_BY_HAND = [[85 / 64, -3 / 32], [63 / 64, 55 / 32]]
+READ_BY_HAND = [159 / 128, 23 / 64]
+
+
+def t(values, *shape):
+    return torch.tensor(values, dtype=torch.float64).view(*shape)
+
+
+def test_rdn_step_by_hand():
+    # a = tanh(h0) = (1/2, 0), so a R = R[0] / 2 (R stored [in][out]) and a·r_b = r_b[0] / 2.
+    # q = softmax((0, 0) + (ln 3, 0)) = (3/4, 1/4); k = softmax((0, 0) + (0, ln 3)) = (1/4, 3/4);
+    # v = (1, 2) + (1, −1) = (2, 1); β = σ(0 + ln 3) = 3/4: the shared numbers above.
+    h0 = t([math.atanh(0.5), 0.0], 1, 1, 2)
+    Rq, Rk, Rv = t([[2 * LN3, 0.0], [9.0, 9.0]], 1, 2, 2), t([[0.0, 2 * LN3], [9.0, 9.0]], 1, 2, 2), \
+        t([[2.0, -2.0], [9.0, 9.0]], 1, 2, 2)  # row 1 meets a[1] = 0: it must not matter
+    rb = t([2 * LN3, 9.0], 1, 2)
+    qx, kx, vx = t([0.0, 0.0], 1, 1, 1, 2), t([0.0, 0.0], 1, 1, 1, 2), t([1.0, 2.0], 1, 1, 1, 2)
+    bx = t([0.0], 1, 1, 1, 1)
+    y, W, h = run("rdn_rule", [qx, kx, vx, bx, Rq, Rk, Rv, rb, t([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2, 2), h0])
+    torch.testing.assert_close(W.view(2, 2), t(W1_BY_HAND, 2, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.view(2), t(READ_BY_HAND, 2), rtol=1e-12, atol=1e-12)
+    assert torch.equal(h, y[-1])
+
+
+def test_delta_rnn_step_by_hand():
+    # s = softmax(h0) = (3/4, 1/4); R gets the shared write, then y = R1ᵀs + z = (159/128, 23/64) + (1, −1).
+    z = t([1.0, -1.0], 1, 1, 1, 2)
+    kr, vr, br = t([0.25, 0.75], 1, 1, 1, 2), t([2.0, 1.0], 1, 1, 1, 2), t([0.75], 1, 1, 1, 1)
+    y, R, h = run("delta_rnn_rule", [z, kr, vr, br, t([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2, 2), t([LN3, 0.0], 1, 1, 2)])
+    torch.testing.assert_close(R.view(2, 2), t(W1_BY_HAND, 2, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.view(2), t([159 / 128 + 1, 23 / 64 - 1], 2), rtol=1e-12, atol=1e-12)
+
+
+def test_delta_lstm_step_by_hand():
+    # s = softmax(h0) = (3/4, 1/4); every gate's key is (1/4, 3/4), so k·s = 3/8.
+    # i: R0 = 0, β = 1, value (0, 0) -> R1 = 0; pre = z_i = (0, ln 3) -> i = (1/2, 3/4).
+    # u: the shared write (R0 = [[1, 0], [0, 2]], value (2, 1), β = 3/4) -> R1ᵀs = (159/128, 23/64);
+    #    z_u = (4 − 159/128, −1 − 23/64) -> u = (4, −1) (no squashing in version 4).
+    # o: R0 = 0, β = 1, value (8/3 ln 3, 0) -> R1 = k vᵀ, R1ᵀs = 3/8 v = (ln 3, 0); z_o = 0 -> o = (3/4, 1/2).
+    # c = i u + (1 − i) c0 with c0 = (2, 4): (2 + 1, −3/4 + 1) = (3, 1/4); y = o c = (9/4, 1/8).
+    z = t([[0.0, LN3], [4 - 159 / 128, -1 - 23 / 64], [0.0, 0.0]], 1, 1, 1, 3, 2)
+    kr = t([[0.25, 0.75]] * 3, 1, 1, 1, 3, 2)
+    vr = t([[0.0, 0.0], [2.0, 1.0], [8 / 3 * LN3, 0.0]], 1, 1, 1, 3, 2)
+    br = t([1.0, 0.75, 1.0], 1, 1, 1, 3, 1)
+    R0 = t([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]]], 1, 1, 3, 2, 2)
+    y, R, h, c = run("delta_lstm_rule", [z, kr, vr, br, R0, t([LN3, 0.0], 1, 1, 2), t([2.0, 4.0], 1, 1, 2)])
+    torch.testing.assert_close(R[0, 0, 1], t(W1_BY_HAND, 2, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c.view(2), t([3.0, 0.25], 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.view(2), t([9 / 4, 1 / 8], 2), rtol=1e-12, atol=1e-12)

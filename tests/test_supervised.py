@@ -16,7 +16,7 @@ from agent import supervised
 from runio.checkpoint import load_checkpoint
 from agent.config import CONFIG_DIR, load_defaults
 from learner.supervised import OptimConfig, lr_factor
-from models.sequence import LanguageModel
+from models.sequence import LanguageModel, SequenceTagger
 from models.transformer import TransformerCore
 from tasks.data import load_or_generate
 from tasks.wikitext import SAMPLE_DIR
@@ -126,7 +126,21 @@ def test_configs_hold_the_papers_settings() -> None:
     assert {k: config[k] for k in small} == small
     medium = supervised.resolve_config("wikitext103", CONFIG_DIR / "wikitext103_medium.yaml", {"core": "delta_net"})
     assert [medium[k] for k in ("hidden_size", "num_heads", "segment_len", "num_layers")] == [256, 8, 384, 16]
-    # The small Delta Net LM on the full vocabulary: the paper counts 44.03M parameters (experiments.md §4.2).
+    # Layout: sinusoidal encoding and pre-LN for truncated context; neither with the carried state (full context).
+    assert (config["positional_encoding"], config["block_order"]) == ("sinusoidal", "pre_ln")
+    assert (medium["positional_encoding"], medium["block_order"]) == ("sinusoidal", "pre_ln")
+    full = supervised.resolve_config("wikitext103", None, {"core": "delta_net", "carry_state": True})
+    assert (full["positional_encoding"], full["block_order"]) == ("none", "post_ln")
+    chosen = supervised.resolve_config("wikitext103", None, {"core": "delta_net", "carry_state": True,
+                                                            "block_order": "pre_ln"})
+    assert (chosen["positional_encoding"], chosen["block_order"]) == ("none", "pre_ln")
+    with pytest.raises(ValueError, match="block_order must be one of auto, pre_ln, post_ln, got 'pre'"):
+        supervised.resolve_config("wikitext103", None, {"core": "delta_net", "block_order": "pre"})
+    # Algorithmic tasks: pre-LN fast-weight blocks, and the reference's post-LN softmax Transformer.
+    assert SequenceTagger(10, 10, "delta_net", backend="reference").core.pre_norm
+    transformer = SequenceTagger(10, 10, "transformer").core
+    assert not any(layer.norm_first for layer in transformer.encoder.layers) and transformer.positional_encoding
+    # The small Delta Net LM on the full vocabulary: the paper counts 44.03M parameters.
     model = LanguageModel(267_735, "delta_net", backend="reference")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(44.03e6, rel=0.01)
 

@@ -149,11 +149,11 @@ def test_cutoffs_scale_with_the_vocabulary() -> None:
         scaled_cutoffs(1)
 
 
-def _tiny_lm(vocab_size: int, core: str = "delta_net", seed: int = 0) -> LanguageModel:
+def _tiny_lm(vocab_size: int, core: str = "delta_net", seed: int = 0, **layout) -> LanguageModel:
     torch.manual_seed(seed)
     # init_std 0.2 (not the paper's 0.02): a random model whose state visibly changes its predictions.
     return LanguageModel(vocab_size, core, hidden_size=16, num_layers=2, num_heads=2, ff_size=32, dropout=0.0,
-                         init_std=0.2, backend="reference").eval()
+                         init_std=0.2, backend="reference", **layout).eval()
 
 
 def test_adaptive_softmax_is_a_distribution_and_tied_to_the_embedding(corpus: wikitext.Corpus) -> None:
@@ -196,7 +196,8 @@ def test_perplexity_is_exp_of_mean_token_loss(corpus: wikitext.Corpus) -> None:
 
 @pytest.mark.parametrize("core", ["delta_net", "rec_delta", "lstm"])
 def test_carried_state_equals_one_pass(corpus: wikitext.Corpus, core: str) -> None:
-    model = _tiny_lm(corpus.vocab_size, core).double()  # float64: equal means equal to 1e-9
+    # The full-context layout: positions relative to a segment's end would differ between the two splits.
+    model = _tiny_lm(corpus.vocab_size, core, positional_encoding=False, pre_norm=False).double()
     tokens = corpus["test"][:150]
     one_pass = evaluate_segments(model, tokens, segment_len=200, batch_size=1, carry_state=True)
     segmented = evaluate_segments(model, tokens, segment_len=13, batch_size=1, carry_state=True)
@@ -211,3 +212,37 @@ def test_transformer_cannot_carry_state(corpus: wikitext.Corpus) -> None:
     assert model.initial_state(2) == ()
     with pytest.raises(ValueError, match="cannot carry state"):
         model.hidden(torch.zeros(3, 1, dtype=torch.long), state=(torch.zeros(1),))
+
+
+def test_positional_encoding_by_hand(corpus: wikitext.Corpus) -> None:
+    """The `none` core passes its input through, so the hidden state is √D · embedding + encoding. The encoding
+    of position p in dimension i < D/2 is sin(p / 10000^(2i/D)), in D/2 + i the cosine; positions count down to
+    the segment's last token, at 0."""
+    model = _tiny_lm(corpus.vocab_size, "none").double()
+    inputs = torch.tensor([[3], [7], [3]])
+    h, _ = model.hidden(inputs)
+    encoding = h[:, 0] - 4.0 * model.word_vectors()[inputs[:, 0]]  # √16 = 4
+    by_hand = torch.tensor([
+        [math.sin(2.0), math.sin(2.0 / 10000 ** (2 / 16)), math.cos(2.0), math.cos(2.0 / 10000 ** (2 / 16))],
+        [math.sin(1.0), math.sin(1.0 / 10000 ** (2 / 16)), math.cos(1.0), math.cos(1.0 / 10000 ** (2 / 16))],
+        [0.0, 0.0, 1.0, 1.0],
+    ], dtype=torch.float64)
+    torch.testing.assert_close(encoding[:, [0, 1, 8, 9]], by_hand, rtol=1e-12, atol=1e-12)
+    plain = _tiny_lm(corpus.vocab_size, "none", positional_encoding=False).double()
+    h, _ = plain.hidden(inputs)
+    torch.testing.assert_close(h[:, 0], 4.0 * plain.word_vectors()[inputs[:, 0]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("core", ["delta_net", "transformer"])
+def test_post_ln_blocks_end_in_a_layer_norm(corpus: wikitext.Corpus, core: str) -> None:
+    """Post-LN blocks end in LayerNorm (unit gain, zero bias at initialisation): every hidden state has mean 0
+    and variance 1 over its features; pre-LN blocks leave the residual stream unnormalised."""
+    inputs = torch.randint(0, corpus.vocab_size, (9, 2))
+    for pre_norm in (False, True):
+        model = _tiny_lm(corpus.vocab_size, core, pre_norm=pre_norm).double()
+        if core == "transformer":  # its final LayerNorm would normalise either way
+            model.core.encoder.norm = torch.nn.Identity()
+        h, _ = model.hidden(inputs)
+        normalised = torch.allclose(h.mean(-1), torch.zeros(9, 2, dtype=torch.float64), atol=1e-9) and \
+            torch.allclose(h.var(-1, unbiased=False), torch.ones(9, 2, dtype=torch.float64), atol=1e-3)
+        assert normalised != pre_norm
