@@ -10,7 +10,8 @@ checkpoint that reached the frames), so an interrupted benchmark resumes. The re
 and core, rliable aggregates over the tasks, learning curves) goes to `--out`; a `timing.csv` beside it gives
 each run's wall time and frames per second.
 
-The default grid is 6 tasks x 8 cores x 3 seeds at 100k agent steps per run, far shorter than POPGym's own
+The default grid is 6 tasks x 8 cores x 3 seeds at 200k agent steps per run (about two hours on a 2-core
+machine: docs/benchmarks.md), far shorter than POPGym's own
 runs (millions of steps): scores measure what each core learns on a small CPU budget, not its ceiling.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ TASKS = (
     "popgym-HigherLowerEasy-v0",
 )
 SEEDS = (1, 2, 3)
-FRAMES = 100_000
+FRAMES = 200_000
 SMOKE = dict(tasks=TASKS[:2], seeds=(1,), frames=2_000, log_interval_s=0.2)  # logs even such short runs
 
 

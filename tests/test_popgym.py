@@ -13,6 +13,7 @@ from agent.config import ConfigError, resolve_config
 from learner.impala import batch_unrolls
 from models import PolicyNet
 from tests.test_actor_learner import SMALL_CORES, collect, make_actors, max_abs_log_rho
+from tests.test_learning import train
 
 REPEAT_PREVIOUS = "popgym-RepeatPreviousEasy-v0"  # 4 suits shown one a step; episodes of 51 steps
 
@@ -99,3 +100,16 @@ def test_actor_and_learner_on_popgym(core):
     late = rounds[-1]
     zeros = tuple(torch.zeros_like(s) for s in batch_unrolls(late, "cpu")[1])
     assert max_abs_log_rho(net, late, core_state=zeros) > 1e-3
+
+
+@pytest.mark.slow
+def test_recurrent_fast_weights_beat_no_memory_on_repeat_previous():
+    """RepeatPrevious asks for the suit of the card 4 steps back: without memory an agent can only guess
+    (return 2 * 1/4 - 1 = -0.5; over 500 games of 47 rewarded steps the standard error of the mean return is
+    about 0.006). A small Delta RNN learns to recall it within 2000 updates (about two CPU minutes)."""
+    spec = dict(observation_shape=(4,), num_actions=4)
+    small = dict(hidden_size=32, num_layers=1, num_heads=2, head_dim=16, ff_size=64)
+    memory = train(REPEAT_PREVIOUS, {**spec, "core": "delta_rnn", "core_kwargs": small}, updates=2000)
+    no_memory = train(REPEAT_PREVIOUS, {**spec, "core": "none", "core_kwargs": {}}, updates=2000)
+    assert abs(np.mean(no_memory[-500:]) + 0.5) < 0.03
+    assert np.mean(memory[-500:]) - np.mean(no_memory[-500:]) > 0.1  # > 15 standard errors
