@@ -11,8 +11,8 @@ and core, rliable aggregates over the tasks, learning curves) goes to `--out`; a
 each run's wall time and frames per second.
 
 The default grid is 6 tasks x 8 cores x 3 seeds at 200k agent steps per run (about two hours on a 2-core
-machine: docs/benchmarks.md), far shorter than POPGym's own
-runs (millions of steps): scores measure what each core learns on a small CPU budget, not its ceiling.
+machine: docs/benchmarks.md), far shorter than POPGym's own runs (millions of steps): scores measure what each
+core learns on a small CPU budget, not its ceiling.
 """
 from __future__ import annotations
 
