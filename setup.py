@@ -42,7 +42,7 @@ def kernel_extensions() -> dict:
 setup(
     name="rfwp",
     version="0.1.0",
-    description="Recurrent fast weight programmers: IMPALA on Atari, fused kernels, supervised tasks",
+    description="Recurrent fast weight programmers: IMPALA on Atari and POPGym, fused kernels, supervised tasks",
     python_requires=">=3.10",
     packages=find_packages(include=["agent*", "actors*", "learner*", "models*", "cuda_ext*", "tasks*", "bench*", "runio*",
                                     "configs"]),
@@ -58,6 +58,10 @@ setup(
         "tqdm",
         "pyyaml",
         "ninja",
+        "popgym==1.0.*",
+        "matplotlib",
+        "rliable==1.2.*",
+        "pandas<3",  # rliable needs arch<8, and arch 7 does not import with pandas 3
     ],
     extras_require={"test": ["pytest>=8", "psutil"]},
     **kernel_extensions(),

@@ -26,6 +26,7 @@ from ale_py import Action, ALEInterface, LoggerMode, roms
 from ale_py.vector_env import AtariVectorEnv
 
 from actors.interface import Episode, VectorEnv
+from actors.popgym_envs import PopgymVector, is_popgym_name, resolve_popgym
 from actors.toy_envs import TOY_ENVS
 
 
@@ -39,11 +40,15 @@ def _display_name(game: str) -> str:
 
 
 def resolve_game(name: str) -> str:
-    """The ALE ROM id (e.g. "breakout") or toy environment name (e.g. "memory") that `name` denotes.
+    """The ALE ROM id (e.g. "breakout"), toy environment name (e.g. "memory") or POPGym id (e.g.
+    "popgym-RepeatPreviousEasy-v0") that `name` denotes.
 
-    Accepts "Breakout", "breakout", "ALE/Breakout-v5", "BreakoutNoFrameskip-v4", "space_invaders", "MsPacman".
-    Raises ValueError listing close matches for an unknown name.
+    Accepts "Breakout", "breakout", "ALE/Breakout-v5", "BreakoutNoFrameskip-v4", "space_invaders", "MsPacman",
+    and POPGym's gymnasium ids. Raises ValueError listing close matches for an unknown name, or saying why a
+    POPGym task cannot be played (see `actors.popgym_envs`).
     """
+    if is_popgym_name(name):
+        return resolve_popgym(name)
     candidates = {_squash(game): game for game in [*roms.get_all_rom_ids(), *TOY_ENVS]}
     stripped = re.sub(r"^ALE/", "", name.strip())
     stripped = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", stripped)
@@ -54,7 +59,8 @@ def resolve_game(name: str) -> str:
     hint = f" Close matches: {', '.join(_display_name(candidates[c]) for c in close)}." if close else ""
     raise ValueError(
         f"unknown game {name!r}.{hint} Pass an Atari game name such as Breakout, ALE/Pong-v5 or space_invaders "
-        f"(ale-py ships {len(candidates) - len(TOY_ENVS)} ROMs), or a toy environment: {', '.join(TOY_ENVS)}."
+        f"(ale-py ships {len(candidates) - len(TOY_ENVS)} ROMs), a POPGym task such as popgym-RepeatPreviousEasy-v0, "
+        f"or a toy environment: {', '.join(TOY_ENVS)}."
     )
 
 
@@ -398,13 +404,15 @@ def make_vector_env(game: str, num_envs: int, seed: int, atari_protocol: str = "
     `atari_protocol` picks the Atari environment: "paper" (`PaperAtariVector`) or "ale" (`AtariVector`).
     `options` are their protocol switches (sticky_actions, noop_max, frameskip, frame_stack, fire_reset,
     episodic_life, max_episode_frames (0: the protocol's own cap), num_threads, record_screen); toy environments
-    ignore them.
+    and POPGym tasks ignore them.
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be at least 1, got {num_envs}")
     game = resolve_game(game)
     if game in TOY_ENVS:
         return TOY_ENVS[game](num_envs, seed)
+    if is_popgym_name(game):
+        return PopgymVector(game, num_envs, seed)
     if atari_protocol == "paper":
         return PaperAtariVector(game, num_envs, seed, **options)
     if atari_protocol == "ale":

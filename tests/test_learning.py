@@ -18,20 +18,25 @@ NUM_ENVS, UNROLL_LENGTH, UPDATES = 16, 20, 500
 CHANCE = -0.5
 
 
-def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0) -> list[float]:
-    """Returns of the games played while training, in order (on-policy: one actor, an update per unroll)."""
+def train(game: str, spec: dict, updates: int, seed: int = 0) -> list[float]:
+    """Returns of the games played while training on `game` with `PolicyNet(**spec)`, in order (on-policy: one
+    actor, an update per unroll)."""
     torch.manual_seed(seed)
-    spec = dict(observation_shape=(5,), num_actions=4, core=core, core_kwargs=core_kwargs)
-    # A higher learning rate than Atari's 6e-4: the task is tiny and the budget a few hundred updates.
-    hp = paper_hyperparameters(total_frames=UPDATES * NUM_ENVS * UNROLL_LENGTH, learning_rate=2e-3)
+    # A higher learning rate than Atari's 6e-4: the tasks are tiny and the budget a few thousand updates.
+    hp = paper_hyperparameters(total_frames=updates * NUM_ENVS * UNROLL_LENGTH, learning_rate=2e-3)
     learner = LearnerState.create(PolicyNet(**spec), hp)
-    actor = Actor("memory", {}, NUM_ENVS, spec, UNROLL_LENGTH, seed=seed)
+    actor = Actor(game, {}, NUM_ENVS, spec, UNROLL_LENGTH, seed=seed)
     returns = []
-    for _ in range(UPDATES):
+    for _ in range(updates):
         unroll = actor.unroll(learner.updates, learner.weights())
         returns += [e.episode_return for e in unroll.episodes if e.kind == "game"]
         update(learner, *batch_unrolls([unroll]), hp, frames=NUM_ENVS * UNROLL_LENGTH)
     return returns
+
+
+def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0) -> list[float]:
+    spec = dict(observation_shape=(5,), num_actions=4, core=core, core_kwargs=core_kwargs)
+    return train("memory", spec, UPDATES, seed)
 
 
 @pytest.mark.slow
