@@ -19,6 +19,7 @@ import torch
 import configs
 from actors.envs import ATARI_PROTOCOLS, resolve_game
 from models import check_core_name, make_core
+from models.ops import check_backend
 from runio.files import RunFileError, read_yaml, write_yaml
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -199,6 +200,12 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict | None
             "a batch is made of whole unrolls, each carrying envs_per_actor environments"
         )
     resolve_device(config["device"])
+    try:
+        check_backend(config["backend"])
+    except ValueError as e:
+        raise ConfigError(f"{e} (from {where.get('backend', 'the defaults')})") from None
+    if config["backend"] == "cuda" and resolve_device(config["device"]).type != "cuda":
+        raise ConfigError("backend 'cuda' needs the learner on a GPU: pass --device cuda, or --backend auto")
     try:
         make_core(config["core"], input_size=1, **config["core_kwargs"])  # inconsistent sizes fail here, early
     except ValueError as e:

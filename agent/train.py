@@ -15,6 +15,7 @@ from actors.cluster import ClusterError
 from agent.config import CORE_SIZE_KEYS, ConfigError, add_core_size_flags, load_defaults, resolve_config, resolve_device
 from learner.rl import train
 from models import CORE_NAMES
+from models.ops import BACKEND_NAMES
 from runio.checkpoint import CheckpointMismatchError
 from runio.files import RunFileError
 from runio.lock import RunLockedError
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sticky-actions", action="store_true", default=None,
                    help="repeat the previous action with probability 0.25 (Machado et al. 2018; default: off)")
     p.add_argument("--device", help=f"learner device: auto, cpu, cuda, cuda:N {default('device')}")
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="fast-weight rules: auto runs the fused kernels (built "
+                   "once, before the actors start), reference the plain PyTorch loops; actors always run on the CPU, "
+                   f"so with cuda they run the cpu kernels {default('backend')}")
     p.add_argument("--seed", type=int, help=f"seeds the learner, the actors and the environments {default('seed')}")
     p.add_argument("--time-limit-s", type=float, help="stop with a checkpoint after this many seconds "
                    f"{default('time_limit_s')}")

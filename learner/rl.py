@@ -39,8 +39,10 @@ from actors.actor import ActorPool
 from actors.cluster import ClusterError, alive_nodes, connect_ray
 from actors.envs import env_options, env_spaces, resolve_game
 from actors.unroll import Unroll
+import cuda_ext
 from learner.impala import Hyperparameters, LearnerState, batch_unrolls, update
 from models import PolicyNet
+from models.ops import backend_label, resolve_backend
 from runio.checkpoint import check_identity, load_latest, rng_state, save_checkpoint, set_rng_state
 from runio.files import write_yaml
 from runio.lock import RunLock
@@ -50,6 +52,17 @@ CHECKPOINT_KEYS = ("learner", "config", "game", "model_spec")
 # Config keys that change what the checkpoint's model is or sees; anything else may change between sessions.
 IDENTITY_KEYS = ("core", "core_kwargs", "use_last_action", "frame_stack", "frameskip")
 EXIT_CODES = {"done": 0, "time_limit": 0, "interrupted": 130, "terminated": 143, "cluster_lost": 1}
+
+
+def prepare_kernels(backend: str, device: torch.device) -> tuple[str, str]:
+    """Build the fused kernels the run needs (once per install, with a visible message) before any actor starts,
+    so that no actor builds or waits; returns the backends the learner and the actors (CPU) will run."""
+    actor_choice = "cpu" if backend == "cuda" else backend
+    if actor_choice in ("auto", "cpu"):
+        cuda_ext.ensure_built("cpu")
+    if device.type == "cuda" and backend in ("auto", "cuda"):
+        cuda_ext.ensure_built("cuda")
+    return resolve_backend(backend, device.type), resolve_backend(actor_choice, "cpu")
 
 
 def run_identity(game: str, config: dict) -> dict:
@@ -217,7 +230,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
                       core_kwargs=config["core_kwargs"], use_last_action=config["use_last_action"],
                       reward_clip=config["reward_clip"])
     hp = Hyperparameters.from_config(config)
-    learner = LearnerState.create(PolicyNet(**model_spec).to(device), hp)
+    learner_backend, actor_backend = prepare_kernels(config["backend"], device)
+    learner = LearnerState.create(PolicyNet(**model_spec, backend=learner_backend).to(device), hp)
     counters = {"games": 0, "time_s": 0.0}
     if checkpoint is not None:
         learner.load_state_dict(checkpoint["learner"])
@@ -268,7 +282,7 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         pool = ActorPool(
             num_actors,
             dict(game=game, env_options={**env_options(config), "num_threads": config["env_threads"]}, num_envs=N,
-                 model_spec=model_spec, unroll_length=T),
+                 model_spec={**model_spec, "backend": actor_backend}, unroll_length=T),
             seed=config["seed"],
             stream=learner.updates,
             num_cpus=config["actor_cpus"],
@@ -279,7 +293,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         feeder.publish(learner.updates, learner.weights())
         nodes = alive_nodes()
         print(f"Training {config['core']} on {game}: {num_actors} actor{'s' * (num_actors != 1)} x {N} envs, "
-              f"T={T}, B={B}, learner on {device}; Ray: {len(nodes)} node{'s' * (len(nodes) != 1)} "
+              f"T={T}, B={B}, learner on {device}; fast-weight rules: learner {backend_label(learner_backend)}, "
+              f"actors {backend_label(actor_backend)}; Ray: {len(nodes)} node{'s' * (len(nodes) != 1)} "
               f"({'embedded, 127.0.0.1' if config['ray_address'] is None else config['ray_address']}); "
               f"run directory {run_dir}", flush=True)
         feeder.start()

@@ -77,6 +77,7 @@ class PolicyNet(nn.Module):
         core_kwargs: dict | None = None,
         use_last_action: bool = False,
         reward_clip: float = 1.0,
+        backend: str = "auto",
     ):
         super().__init__()
         self.observation_shape, self.num_actions = tuple(observation_shape), num_actions
@@ -90,7 +91,7 @@ class PolicyNet(nn.Module):
                 f"observation shape {self.observation_shape} is not supported: use [C, H, W] frames or [D] vectors"
             )
         core_input = FEATURE_SIZE + 1 + (num_actions if use_last_action else 0)
-        self.core = make_core(core, input_size=core_input, **(core_kwargs or {}))
+        self.core = make_core(core, input_size=core_input, backend=backend, **(core_kwargs or {}))
         self.policy = nn.Linear(self.core.output_size, num_actions)
         self.baseline = nn.Linear(self.core.output_size, 1)
 
