@@ -43,8 +43,11 @@ import cuda_ext
 from learner.impala import Hyperparameters, LearnerState, batch_unrolls, update
 from models import PolicyNet
 from models.ops import backend_label, resolve_backend
-from runio.checkpoint import check_identity, load_latest, rng_state, save_checkpoint, set_rng_state
+from runio.checkpoint import (
+    check_identity, checkpoint_bytes, load_latest, rng_state, save_checkpoint, set_rng_state
+)
 from runio.files import write_yaml
+from runio.keeper import CheckpointKeeper
 from runio.lock import RunLock
 from runio.logs import RunLogger
 
@@ -240,9 +243,12 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         print(f"Resuming {run_dir} at {format_count(learner.frames)} frames, {learner.updates} updates", flush=True)
     del checkpoint
 
+    def payload() -> dict:
+        return {"learner": learner.state_dict(), "config": config, "game": game, "model_spec": model_spec,
+                "counters": counters, "rng": rng_state()}
+
     def save(path: Path) -> None:
-        save_checkpoint({"learner": learner.state_dict(), "config": config, "game": game, "model_spec": model_spec,
-                         "counters": counters, "rng": rng_state()}, path)
+        save_checkpoint(payload(), path)
 
     game_returns: collections.deque = collections.deque(maxlen=100)
     life_returns: collections.deque = collections.deque(maxlen=100)
@@ -263,7 +269,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
     T, N, B = config["unroll_length"], config["envs_per_actor"], config["batch_size"]
     owns_ray = connect_ray(config["ray_address"])
     logger = RunLogger(run_dir, start=learner.frames)
-    pool = feeder = None
+    keeper = CheckpointKeeper(checkpoint_path)  # saves the run if this process is ended without warning
+    pool = feeder = status = None
     # SIGTERM (a scheduler's stop) ends the run like Ctrl-C; signal handlers can only be set in the main thread.
     in_main = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
@@ -304,7 +311,7 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         time_before = counters["time_s"]
         snapshots = [f for f in config["snapshot_frames"] if f > learner.frames]
         deadline = session_start + config["time_limit_s"] if config["time_limit_s"] > 0 else float("inf")
-        placement_reported = False
+        placement = ""
         while learner.frames < config["total_frames"] and time.time() < deadline:
             start = time.perf_counter()
             batch = feeder.next_batch(config["cluster_timeout_s"])
@@ -338,13 +345,14 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
                 for node in current.keys() - nodes.keys():
                     print(f"Ray node {current[node]} ({node[:8]}) joined the cluster", flush=True)
                 nodes = current
-                if not placement_reported and all(pool.nodes):
-                    print(f"Actors: {describe_nodes(pool.actors_per_node(), nodes)}", flush=True)
-                    placement_reported = True
+                if all(pool.nodes) and describe_nodes(pool.actors_per_node(), nodes) != placement:
+                    placement = describe_nodes(pool.actors_per_node(), nodes)
+                    print(f"Actors: {placement}", flush=True)
                 summary.update(actor_restarts=pool.restarts, actor_replacements=pool.replacements)
                 summary["fps"] = _log_interval(logger, interval, learner, counters, summary, nodes, pool,
                                                game_returns, life_returns, config, now)
                 interval = Interval(now, learner.frames, learner.updates)
+                keeper.keep(checkpoint_bytes(payload()), learner.frames)
             if now - last_checkpoint >= config["checkpoint_interval_s"]:
                 save(checkpoint_path)
                 last_checkpoint = now
@@ -367,6 +375,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if status is not None:
+            keeper.close()  # every handled way out wrote the checkpoint; otherwise the keeper writes the last state
         if feeder is not None:
             feeder.stop()
             feeder.join(timeout=10)
@@ -411,6 +421,8 @@ def _log_interval(logger: RunLogger, interval: Interval, learner: LearnerState, 
         "time_s": counters["time_s"],
     }
     logger.log(row)
+    for node, count in pool.actors_per_node().items():  # TensorBoard only: the set of nodes changes
+        logger.writer.add_scalar(f"actors_on_node/{nodes.get(node, '?')}_{node[:8]}", count, learner.frames)
     eta = (config["total_frames"] - learner.frames) / fps if fps > 0 else float("inf")
     print(
         f"[{config['name']}] frames {format_count(learner.frames)}/{format_count(config['total_frames'])}"

@@ -9,6 +9,7 @@ aside.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import time
@@ -35,17 +36,28 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_checkpoint(payload: dict, path: str | Path, keep_previous: bool = True) -> None:
-    """Write `payload` to `path` atomically; with `keep_previous`, the file it replaces becomes
-    `previous_path(path)`. A crash at any point leaves a loadable `path` or `previous_path(path)`."""
+def save_checkpoint(payload: dict | bytes, path: str | Path, keep_previous: bool = True) -> None:
+    """Write `payload` (a dict, or the bytes of one `checkpoint_bytes` made) to `path` atomically; with
+    `keep_previous`, the file it replaces becomes `previous_path(path)`. A crash at any point leaves a loadable
+    `path` or `previous_path(path)`."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        if isinstance(payload, bytes):
+            tmp.write_bytes(payload)
+        else:
+            torch.save(payload, tmp)
         if keep_previous and path.exists():
             # A hard link, renamed over the old previous: `path` stays in place until the new file replaces it.
             with atomic_path(previous_path(path)) as prev_tmp:
                 os.unlink(prev_tmp)
                 os.link(path, prev_tmp)
+
+
+def checkpoint_bytes(payload: dict) -> bytes:
+    """`payload` serialised as `save_checkpoint` writes it."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

@@ -135,3 +135,25 @@ def test_trains_across_a_multi_node_cluster_and_survives_losing_a_node(tmp_path)
         assert int(rows[-1]["frames"]) >= 120000 > int(rows[0]["frames"])
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_losing_the_head_ends_the_run_with_the_keepers_checkpoint(tmp_path):
+    """Ray ends a driver without running any Python when its node's raylet dies: the checkpoint keeper saves the
+    state of the last log interval and says so, and the run resumes from it."""
+    cluster = LoopbackCluster(tmp_path, num_workers=1, cpus_per_node=1)
+    try:
+        run = start_training(tmp_path, "headless", "--ray-address", cluster.address, "--num-actors", "2",
+                             "--total-frames", "100000000", env=clean_env(**cluster.env))
+        try:
+            wait_for_line(run, "frames ")
+            cluster.remove(0)  # the head: the driver's own raylet and the GCS
+            out, _ = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    finally:
+        cluster.stop()
+    assert run.returncode != 0
+    assert "The trainer ended without saving" in out and "run the same command to resume" in out, out
+    assert load_checkpoint(tmp_path / "headless" / "checkpoint.pt")["learner"]["updates"] >= 1
