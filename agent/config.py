@@ -20,6 +20,7 @@ import configs
 from actors.envs import ATARI_PROTOCOLS, resolve_game
 from models import check_core_name, make_core
 from models.ops import check_backend
+from models.policy import TORSO_PRECISIONS, resolve_torso_precision
 from runio.files import RunFileError, read_yaml, write_yaml
 
 CONFIG_DIR = Path(configs.__file__).resolve().parent
@@ -204,6 +205,10 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict | None
         check_backend(config["backend"])
     except ValueError as e:
         raise ConfigError(f"{e} (from {where.get('backend', 'the defaults')})") from None
+    if config["torso_precision"] not in ("auto", *TORSO_PRECISIONS):
+        raise ConfigError(f"torso_precision must be auto, {' or '.join(TORSO_PRECISIONS)}, got "
+                          f"{config['torso_precision']!r} (from {where.get('torso_precision', 'the defaults')})")
+    config["torso_precision"] = resolve_torso_precision(config["torso_precision"], resolve_device(config["device"]))
     if config["backend"] == "cuda" and resolve_device(config["device"]).type != "cuda":
         raise ConfigError("backend 'cuda' needs the learner on a GPU: pass --device cuda, or --backend auto")
     try:

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKEND_NAMES, help="fast-weight rules: auto runs the fused kernels (built "
                    "once, before the actors start), reference the plain PyTorch loops; actors always run on the CPU, "
                    f"so with cuda they run the cpu kernels {default('backend')}")
+    p.add_argument("--torso-precision", choices=("auto", "float32", "bfloat16"), help="precision of the torso's "
+                   "convolutions (weights, core and losses stay float32); auto: bfloat16 where the learner's device "
+                   f"computes it natively {default('torso_precision')}")
     p.add_argument("--seed", type=int, help=f"seeds the learner, the actors and the environments {default('seed')}")
     p.add_argument("--time-limit-s", type=float, help="stop with a checkpoint after this many seconds "
                    f"{default('time_limit_s')}")

@@ -231,7 +231,7 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
     observation_shape, num_actions = env_spaces(game, **env_options(config))
     model_spec = dict(observation_shape=list(observation_shape), num_actions=num_actions, core=config["core"],
                       core_kwargs=config["core_kwargs"], use_last_action=config["use_last_action"],
-                      reward_clip=config["reward_clip"])
+                      reward_clip=config["reward_clip"], torso_precision=config["torso_precision"])
     hp = Hyperparameters.from_config(config)
     learner_backend, actor_backend = prepare_kernels(config["backend"], device)
     learner = LearnerState.create(PolicyNet(**model_spec, backend=learner_backend).to(device), hp)
@@ -300,7 +300,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         feeder.publish(learner.updates, learner.weights())
         nodes = alive_nodes()
         print(f"Training {config['core']} on {game}: {num_actors} actor{'s' * (num_actors != 1)} x {N} envs, "
-              f"T={T}, B={B}, learner on {device}; fast-weight rules: learner {backend_label(learner_backend)}, "
+              f"T={T}, B={B}, learner on {device}, torso in {config['torso_precision']}; fast-weight rules: "
+              f"learner {backend_label(learner_backend)}, "
               f"actors {backend_label(actor_backend)}; Ray: {len(nodes)} node{'s' * (len(nodes) != 1)} "
               f"({'embedded, 127.0.0.1' if config['ray_address'] is None else config['ray_address']}); "
               f"run directory {run_dir}", flush=True)

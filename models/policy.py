@@ -14,6 +14,19 @@ from torch import Tensor, nn
 from models.cores import State, make_core
 
 FEATURE_SIZE = 256
+TORSO_PRECISIONS = ("float32", "bfloat16")
+
+
+def resolve_torso_precision(choice: str, device: torch.device) -> str:
+    """"auto" -> "bfloat16" where `device` computes bfloat16 natively (CPUs with AVX512-BF16 or AMX, GPUs from
+    Ampere on), else "float32"; other choices are returned as they are."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
 
 
 class ResidualBlock(nn.Module):
@@ -67,6 +80,8 @@ class PolicyNet(nn.Module):
     out = {"policy_logits": [T, B, A], "baseline": [T, B]}. `done[t]` resets the core before step t.
 
     The last reward is clipped to [-reward_clip, reward_clip] on its way in, as the learner clips rewards.
+    `torso_precision` "bfloat16" runs the torso under bfloat16 autocast (actors and learner alike, so that their
+    policies agree).
     """
 
     def __init__(
@@ -78,10 +93,14 @@ class PolicyNet(nn.Module):
         use_last_action: bool = False,
         reward_clip: float = 1.0,
         backend: str = "auto",
+        torso_precision: str = "float32",
     ):
         super().__init__()
         self.observation_shape, self.num_actions = tuple(observation_shape), num_actions
         self.use_last_action, self.reward_clip = use_last_action, reward_clip
+        if torso_precision not in TORSO_PRECISIONS:
+            raise ValueError(f"torso_precision must be one of {', '.join(TORSO_PRECISIONS)}, got {torso_precision!r}")
+        self.torso_precision = torso_precision
         if len(self.observation_shape) == 3:
             self.torso: nn.Module = ImpalaTorso(*self.observation_shape)
         elif len(self.observation_shape) == 1:
@@ -106,7 +125,11 @@ class PolicyNet(nn.Module):
             raise ValueError(
                 f"observations have shape {list(obs.shape)}; expected [T, B, {', '.join(map(str, self.observation_shape))}]"
             )
-        features = self.torso(obs.reshape(T * B, *self.observation_shape)).view(T, B, -1)
+        # bfloat16 halves the torso's cost on CPUs with native bfloat16 (AVX512-BF16, AMX); its weights, the core,
+        # the heads and the losses stay float32.
+        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.torso_precision == "bfloat16"):
+            features = self.torso(obs.reshape(T * B, *self.observation_shape))
+        features = features.float().view(T, B, -1)
         inputs = [features, last_reward.clamp(-self.reward_clip, self.reward_clip).unsqueeze(-1).to(features.dtype)]
         if self.use_last_action:
             inputs.append(F.one_hot(last_action, self.num_actions).to(features.dtype))
