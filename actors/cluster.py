@@ -2,7 +2,8 @@
 
 The embedded Ray keeps every socket (driver, GCS, raylet, workers, agents) on 127.0.0.1 and never joins another
 cluster that happens to run on the machine, with nothing asked of the user's shell. Joining a cluster
-(`address="auto"` or "host:port") uses Ray's own settings, token authentication included (docs/cluster.md).
+(`address="auto"` or "host:port") uses Ray's own settings, token authentication included (README.md, "On a Ray
+cluster").
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def join_cluster(address: str) -> None:
         raise ClusterError(
             f"cannot join the Ray cluster at {address!r} ({first}). Check that `ray start --head` runs there, that "
             "this machine reaches its port, and that RAY_AUTH_MODE and the token match the cluster's "
-            "(docs/cluster.md)"
+            "(README.md, \"On a Ray cluster\")"
         ) from None
 
 

@@ -31,7 +31,7 @@ from tasks import data as task_data
 from tasks.wikitext import Corpus, batchify, iterate_segments, num_segments, sliding_windows
 
 SCHEDULES = ("constant", "cosine")
-# The metric each algorithmic task selects its best checkpoint by (experiments.md §2.5, §3.3).
+# The metric each algorithmic task selects its best checkpoint by (docs/protocol.md §1.4, §2.2).
 SELECTION_METRICS = {"code_exec": "sequence_accuracy", "listops": "label_accuracy"}
 
 

@@ -18,7 +18,7 @@ from models.cores import CORE_NAMES, Core, State, check_core_name, make_core
 from models.transformer import TransformerCore, sinusoidal_encoding
 
 SUPERVISED_CORE_NAMES: tuple[str, ...] = (*CORE_NAMES, "transformer")
-# WikiText-103's adaptive softmax (experiments.md §4.1): cutoffs for its 267,735-word vocabulary.
+# WikiText-103's adaptive softmax (docs/protocol.md §3.1): cutoffs for its 267,735-word vocabulary.
 WT103_VOCAB_SIZE = 267_735
 WT103_CUTOFFS = (20_000, 40_000, 200_000)
 
@@ -110,7 +110,7 @@ class LanguageModel(nn.Module):
     that Transformer-XL lacks at div_val 1; it starts as the identity, so the initial model matches the
     paper's. Initialisation follows Transformer-XL's LM: Linear and attention weights and word vectors
     N(0, 0.02), biases zero (the RDN's recurrent matrices keep their own initialisation).
-    Defaults are the paper's small configuration (experiments.md §4.2).
+    Defaults are the paper's small configuration (docs/protocol.md §3.2).
     """
 
     def __init__(
