@@ -1,8 +1,8 @@
 """The supervised training loop shared by code execution, ListOps and WikiText-103.
 
     task = TaggingTask("listops", splits, batch_size=64, seed=1, device=device)   # or LanguageModelTask(...)
-    results = train(model, task, OptimConfig(), total_steps=..., eval_every=task.steps_per_epoch,
-                    run_dir=Path("runs/x"), identity={...})
+    results = train(model, task, OptimConfig.from_config(config), total_steps=..., eval_every=task.steps_per_epoch,
+                    run_dir=Path("runs/x"), identity={...}, log_every=50)
 
 Adam with a linear warm-up and a constant or cosine schedule, optional global gradient-norm clipping, a
 progress bar (steps/s, ETA, loss, tokens/s), logs to `logs.csv` and TensorBoard (`runio.logs.RunLogger`,
@@ -31,7 +31,7 @@ from tasks import data as task_data
 from tasks.wikitext import Corpus, batchify, iterate_segments, num_segments, sliding_windows
 
 SCHEDULES = ("constant", "cosine")
-# The metric each algorithmic task selects its best checkpoint by (experiments.md §2.5, §3.3).
+# The metric each algorithmic task selects its best checkpoint by (docs/protocol.md §1.4, §2.2).
 SELECTION_METRICS = {"code_exec": "sequence_accuracy", "listops": "label_accuracy"}
 
 
@@ -219,10 +219,11 @@ class LanguageModelTask:
         batch_size: int,
         segment_len: int,
         device: torch.device,
-        carry_state: bool = False,
-        eval_batch_size: int = 10,
-        sliding_stride: int = 1,
-        sliding_batch_size: int = 64,
+        *,
+        carry_state: bool,
+        eval_batch_size: int,
+        sliding_stride: int,
+        sliding_batch_size: int,
     ) -> None:
         self.corpus, self.segment_len, self.device, self.carry_state = corpus, segment_len, device, carry_state
         self.eval_batch_size, self.sliding_stride, self.sliding_batch_size = (
@@ -287,7 +288,7 @@ def train(
     eval_every: int,
     run_dir: Path,
     identity: dict,
-    log_every: int = 50,
+    log_every: int,
     progress: bool = True,
 ) -> dict[str, float]:
     """Train `model` (already on the task's device) for `total_steps` updates, resuming from

@@ -1,7 +1,7 @@
 """Fast-weight layers: a bias-free slow projection programs a fast network through an update rule.
 
 Each layer maps `a [T, B, D]` (the block's normalised input) to `[T, B, D]`: the slow projection produces the
-per-head programming signals (head-major split, in the order of `reference/models.md` §2), the update rule of
+per-head programming signals (head-major split, in the order each layer's docstring lists), the update rule of
 `models.ops` runs over the whole unroll, and a bias-free output projection mixes the heads. States are tuples
 of tensors, batch dimension first; all start at zero.
 """

@@ -1,10 +1,15 @@
 """Supervised sequence models over any core of the registry or the `transformer` baseline.
 
-    tagger = SequenceTagger(vocab_size=25, num_classes=26, core="delta_rnn")
+    tagger = SequenceTagger(25, 26, "delta_rnn", hidden_size=256, num_layers=4, num_heads=16, ff_size=1024,
+                            dropout=0.1)
     logits = tagger(tokens)                          # tokens [T, B] -> logits [T, B, num_classes]
 
-    lm = LanguageModel(vocab_size=267_735, core="delta_net")   # the paper's small configuration by default
+    lm = LanguageModel(267_735, "delta_net", hidden_size=128, num_layers=16, num_heads=8, ff_size=2048,
+                       dropout=0.1, tie_weights=True, positional_encoding=True, pre_norm=True)
     nll, state = lm(inputs, targets, state)          # inputs, targets [T, B] -> per-token nll [T, B]
+
+Sizes have no defaults here: the paper's settings are in configs/*.yaml (docs/protocol.md §1.3, §3.2), which
+`agent.supervised` reads and passes in.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from models.cores import CORE_NAMES, Core, State, check_core_name, make_core
 from models.transformer import TransformerCore, sinusoidal_encoding
 
 SUPERVISED_CORE_NAMES: tuple[str, ...] = (*CORE_NAMES, "transformer")
-# WikiText-103's adaptive softmax (experiments.md §4.1): cutoffs for its 267,735-word vocabulary.
+# WikiText-103's adaptive softmax (docs/protocol.md §3.1): cutoffs for its 267,735-word vocabulary.
 WT103_VOCAB_SIZE = 267_735
 WT103_CUTOFFS = (20_000, 40_000, 200_000)
 
@@ -55,22 +60,22 @@ def build_core(
 class SequenceTagger(nn.Module):
     """A prediction at every position: embedding -> core (its input projection first) -> linear head.
 
-    Code execution scores every position; ListOps only the last one (the targets mark which).
-    Defaults are the paper's algorithmic-task sizes. As in the algorithmic tasks' reference code, fast-weight
-    cores have pre-LN blocks and no positional encoding; the Transformer baseline has post-LN blocks and
-    sinusoidal encoding.
+    Code execution scores every position; ListOps only the last one (the targets mark which). As in the
+    algorithmic tasks' reference code, fast-weight cores have pre-LN blocks and no positional encoding; the
+    Transformer baseline has post-LN blocks and sinusoidal encoding.
     """
 
     def __init__(
         self,
         vocab_size: int,
         num_classes: int,
-        core: str = "delta_net",
-        hidden_size: int = 256,
-        num_layers: int = 4,
-        num_heads: int = 16,
-        ff_size: int = 1024,
-        dropout: float = 0.1,
+        core: str,
+        *,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        ff_size: int,
+        dropout: float,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -101,33 +106,34 @@ class LanguageModel(nn.Module):
 
     The positional encoding (`positional_encoding`) is Transformer-XL's sinusoidal one at descending positions:
     the last token of a segment is at position 0, the first at T − 1. The core's blocks are pre-LN or post-LN
-    (`pre_norm`). The paper's truncated-context models use both the encoding and pre-LN blocks (the defaults);
-    its full-context models, which carry their state across segments, use neither.
+    (`pre_norm`). The paper's truncated-context models use both the encoding and pre-LN blocks; its
+    full-context models, which carry their state across segments, use neither.
 
     The adaptive softmax is `nn.AdaptiveLogSoftmaxWithLoss` with div_value 1 (every cluster has full width D).
     With `tie_weights` the input embedding *is* the softmax's word vectors (head shortlist rows followed by
     each tail cluster's output rows), as in the paper. PyTorch's tail clusters also have a D x D projection
     that Transformer-XL lacks at div_val 1; it starts as the identity, so the initial model matches the
     paper's. Initialisation follows Transformer-XL's LM: Linear and attention weights and word vectors
-    N(0, 0.02), biases zero (the RDN's recurrent matrices keep their own initialisation).
-    Defaults are the paper's small configuration (experiments.md §4.2).
+    N(0, 0.02), biases zero (the RDN's recurrent matrices keep their own initialisation). `cutoffs=None`
+    scales WikiText-103's cutoffs to `vocab_size` (`scaled_cutoffs`).
     """
 
     def __init__(
         self,
         vocab_size: int,
-        core: str = "delta_net",
-        hidden_size: int = 128,
-        num_layers: int = 16,
-        num_heads: int = 8,
-        ff_size: int = 2048,
-        dropout: float = 0.1,
+        core: str,
+        *,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        ff_size: int,
+        dropout: float,
+        tie_weights: bool,
+        positional_encoding: bool,
+        pre_norm: bool,
         cutoffs: list[int] | None = None,
-        tie_weights: bool = True,
         backend: str = "auto",
         init_std: float = 0.02,
-        positional_encoding: bool = True,
-        pre_norm: bool = True,
     ) -> None:
         super().__init__()
         self.hidden_size, self.positional_encoding = hidden_size, positional_encoding

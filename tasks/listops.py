@@ -1,4 +1,4 @@
-"""Sequential ListOps (RFWP's variant of Nangia & Bowman 2018; experiments.md §3): the value at the last token.
+"""Sequential ListOps (RFWP's variant of Nangia & Bowman 2018; docs/protocol.md §2): the value at the last token.
 
 An expression is a prefix tree without parentheses, e.g. `[MAX 3 [MIN 5 2 ] 8 ]` (value 8). The root
 (depth 1) is an operator; below it a node is a digit leaf with probability 0.75 and otherwise an operator

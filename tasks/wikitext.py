@@ -1,6 +1,6 @@
 """WikiText-103 reader: word-level vocabulary, encoded corpus cached beside the files, stream batching.
 
-Follows the Transformer-XL / RFWP procedure (experiments.md §4.1): the vocabulary is counted on the training
+Follows the Transformer-XL / RFWP procedure (docs/protocol.md §3.1): the vocabulary is counted on the training
 split only, case preserved, lines split on whitespace, `<eos>` appended to every line (blank lines included);
 no minimum count and no size limit. `<eos>` gets id 0 and the other words follow by descending training count
 (ties in order of first appearance), so the adaptive softmax's cutoffs split frequent from rare words.

@@ -114,7 +114,7 @@ def test_none_core_passes_input_through():
     assert torch.equal(y, x) and state == ()
 
 
-# Parameter counts of the RL configurations, reference/experiments.md §5.2.
+# Parameter counts of the RL configurations, docs/protocol.md §4.2.
 RL_CORE_PARAMS = {
     "lstm": (dict(hidden_size=256, num_layers=1), 527_360),
     "linear_transformer": ({}, 428_544),

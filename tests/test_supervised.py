@@ -137,11 +137,15 @@ def test_configs_hold_the_papers_settings() -> None:
     with pytest.raises(ValueError, match="block_order must be one of auto, pre_ln, post_ln, got 'pre'"):
         supervised.resolve_config("wikitext103", None, {"core": "delta_net", "block_order": "pre"})
     # Algorithmic tasks: pre-LN fast-weight blocks, and the reference's post-LN softmax Transformer.
-    assert SequenceTagger(10, 10, "delta_net", backend="reference").core.pre_norm
-    transformer = SequenceTagger(10, 10, "transformer").core
+    sizes = ("hidden_size", "num_layers", "num_heads", "ff_size", "dropout")
+    algorithmic_sizes = {k: algorithmic[k] for k in sizes}
+    assert SequenceTagger(10, 10, "delta_net", backend="reference", **algorithmic_sizes).core.pre_norm
+    transformer = SequenceTagger(10, 10, "transformer", **algorithmic_sizes).core
     assert not any(layer.norm_first for layer in transformer.encoder.layers) and transformer.positional_encoding
-    # The small Delta Net LM on the full vocabulary: the paper counts 44.03M parameters.
-    model = LanguageModel(267_735, "delta_net", backend="reference")
+    # The small Delta Net LM of configs/wikitext103_small.yaml on the full vocabulary: the paper counts 44.03M
+    # parameters.
+    model = LanguageModel(267_735, "delta_net", backend="reference", **{k: config[k] for k in sizes},
+                          tie_weights=config["tie_weights"], positional_encoding=True, pre_norm=True)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(44.03e6, rel=0.01)
 
 

@@ -1,4 +1,4 @@
-"""Code execution and ListOps data: statistics of experiments.md §2-3, targets checked by an interpreter and an
+"""Code execution and ListOps data: statistics of docs/protocol.md §1-2, targets checked by an interpreter and an
 evaluator written here from the task text, the cache (reuse, refusal of damaged or foreign files), batching
 and metrics."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def sequences(split: SequenceDataset) -> list[tuple[list[str], list[int]]]:
 # ---------------------------------------------------------------- code execution: an independent interpreter
 
 def interpret(tokens: list[str], num_statements: int, quirks: dict[str, int]) -> list[str]:
-    """Expected output symbols of a program, from its text and the rules of experiments.md §2.2.
+    """Expected output symbols of a program, from its text and the rules of docs/protocol.md §1.1.
 
     Asserts the program is well formed (statement kinds, defined-before-use, bounds, first assign, last
     print) and counts in `quirks` how often each conditional quirk was exercised.
@@ -143,7 +143,7 @@ def test_code_exec_values_turn_back_at_the_bounds(direction: int) -> None:
 def test_code_exec_statistics(programs: dict[str, SequenceDataset]) -> None:
     train = programs["train"]
     num_variables = train.params["num_variables"]
-    # experiments.md §2.3: 22 / 24 input symbols, all of them used; `_` plus the values -8..16 as outputs.
+    # docs/protocol.md §1.2: 22 / 24 input symbols, all of them used; `_` plus the values -8..16 as outputs.
     assert train.input_vocab[PAD_ID] == PAD
     used = {s for i in range(len(train)) for s in train.tokens(i)}
     assert used == set(train.input_vocab) - {PAD}
@@ -206,7 +206,7 @@ def test_listops_statistics(expressions: dict[str, SequenceDataset]) -> None:
     depth = train.params["depth"]
     assert train.input_vocab[PAD_ID] == PAD and len(train.input_vocab) - 1 == 14
     assert {s for i in range(len(train)) for s in train.tokens(i)} == set(train.input_vocab) - {PAD}
-    # experiments.md §3.2: mean length 98.2 (depth 10) and 185.4-193.9 (depth 15, across the splits).
+    # docs/protocol.md §2.1: mean length 98.2 (depth 10) and 185.4-193.9 (depth 15, across the splits).
     mean, low, high = {10: (98.2, 37, 334), 15: (188.0, 61, 676)}[depth]
     assert abs(train.lengths.mean() - mean) < 0.08 * mean
     assert train.lengths.min() >= low - 5 and train.lengths.max() <= high * 1.5
@@ -218,7 +218,7 @@ def test_listops_statistics(expressions: dict[str, SequenceDataset]) -> None:
 
 
 def reference_tree(rng: random.Random, depth: int = 1) -> tuple[list[str], int]:
-    """The reference procedure of experiments.md §3.2 (no conditioning): (tokens, deepest leaf depth)."""
+    """The reference procedure of docs/protocol.md §2.1 (no conditioning): (tokens, deepest leaf depth)."""
     if depth > 1 and (depth == 20 or rng.random() > 0.25):
         return [str(rng.randint(0, 9))], depth
     children = [reference_tree(rng, depth + 1) for _ in range(rng.randint(2, 5))]

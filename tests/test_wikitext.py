@@ -152,8 +152,9 @@ def test_cutoffs_scale_with_the_vocabulary() -> None:
 def _tiny_lm(vocab_size: int, core: str = "delta_net", seed: int = 0, **layout) -> LanguageModel:
     torch.manual_seed(seed)
     # init_std 0.2 (not the paper's 0.02): a random model whose state visibly changes its predictions.
+    layout = {"positional_encoding": True, "pre_norm": True, **layout}
     return LanguageModel(vocab_size, core, hidden_size=16, num_layers=2, num_heads=2, ff_size=32, dropout=0.0,
-                         init_std=0.2, backend="reference", **layout).eval()
+                         tie_weights=True, init_std=0.2, backend="reference", **layout).eval()
 
 
 def test_adaptive_softmax_is_a_distribution_and_tied_to_the_embedding(corpus: wikitext.Corpus) -> None:
