@@ -17,6 +17,7 @@ import csv
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from actors.cluster import connect_ray
 from actors.envs import ATARI_PROTOCOLS, env_options, make_vector_env
 from agent.config import resolve_config, resolve_device
 from learner.rl import train
+
+
+PHASES = ("wait_s", "batch_s", "update_s", "publish_s")
 
 
 def cpu_name() -> str:
@@ -66,19 +70,39 @@ def raw_env_fps(config: dict, num_actors: int, seconds: float) -> float:
     return sum(ray.get(refs)) / seconds
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [float(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def training_fps(config: dict, warmup: float) -> dict:
-    """Frames/s, updates/s and policy lag of a training run, measured from its logs after `warmup` seconds."""
+    """Frames/s, updates/s, policy lag, per-phase seconds per update and machine CPU use of a training run,
+    measured from its logs (and /proc/stat) after `warmup` seconds."""
+    busy: list[tuple[float, float]] = []
+    sampler = threading.Timer(warmup, lambda: busy.append(cpu_times()))
+    sampler.start()
     summary = train(config, resolve_device(config["device"]))
+    busy.append(cpu_times())
+    sampler.cancel()
     with open(Path(summary["run_dir"]) / "logs.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if float(row["time_s"]) >= warmup]
     if len(rows) < 2:
         raise RuntimeError(f"too few log rows after the warm-up for core {config['core']}: raise --seconds")
     first, last = rows[0], rows[-1]
     elapsed = float(last["time_s"]) - float(first["time_s"])
+    updates_per_s = (int(last["updates"]) - int(first["updates"])) / elapsed
     return {
         "fps": (int(last["frames"]) - int(first["frames"])) / elapsed,
-        "updates_per_s": (int(last["updates"]) - int(first["updates"])) / elapsed,
-        "lag": float(np.mean([float(row["policy_lag"]) for row in rows])),
+        # Agent steps x frameskip: what other systems (e.g. Sample Factory) count, without the emulator frames of
+        # the paper protocol's resets.
+        "step_fps": updates_per_s * config["unroll_length"] * config["batch_size"] * config["frameskip"],
+        "updates_per_s": updates_per_s,
+        "lag": float(np.mean([float(row["policy_lag"]) for row in rows[1:]])),
+        **{key: float(np.mean([float(row[key]) for row in rows[1:]])) for key in PHASES},
+        "busy": (busy[1][0] - busy[0][0]) / (busy[1][1] - busy[0][1]) if len(busy) == 2 else float("nan"),
     }
 
 
@@ -93,6 +117,8 @@ def main() -> None:
     p.add_argument("--unroll-length", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--torso-precision", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--learner-threads", type=int, default=0, help="0: the cores the actors leave free")
     p.add_argument("--atari-protocol", choices=ATARI_PROTOCOLS, default="paper",
                    help="paper: the paper's wrapper chain; ale: ale-py's vector env (default: paper)")
     args = p.parse_args()
@@ -107,7 +133,8 @@ def main() -> None:
                 "unroll_length": args.unroll_length, "batch_size": args.batch_size, "device": args.device,
                 "runs_dir": runs_dir, "name": f"bench_{core}", "time_limit_s": args.warmup + args.seconds,
                 "log_interval_s": 5, "checkpoint_interval_s": 10**9, "snapshot_frames": [],
-                "atari_protocol": args.atari_protocol,
+                "atari_protocol": args.atari_protocol, "torso_precision": args.torso_precision,
+                "learner_threads": args.learner_threads,
             })
             for core in args.cores.split(",")
         }
@@ -120,11 +147,15 @@ def main() -> None:
           f"torch {torch.__version__}; {args.env}, {num_actors} actor(s) x {args.envs_per_actor} envs, "
           f"T={args.unroll_length}, B={args.batch_size}; {args.seconds:g} s measured after {args.warmup:g} s")
     print(f"Atari protocol: {PROTOCOL_NAMES[args.atari_protocol]} (--atari-protocol {args.atari_protocol})")
-    print("| core | training frames/s | random-action env frames/s | ratio | updates/s | policy lag |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    config = next(iter(configs.values()))
+    print(f"Torso precision: {config['torso_precision']}; learner threads: {args.learner_threads or 'default'}")
+    print("| core | training frames/s | agent steps x frameskip /s | random-action env frames/s | ratio | updates/s "
+          "| policy lag | wait / batch / update / publish s per update | machine busy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for core, r in results.items():
-        print(f"| {core} | {r['fps']:,.0f} | {raw:,.0f} | {r['fps'] / raw:.3f} | {r['updates_per_s']:.2f} "
-              f"| {r['lag']:.2f} |")
+        phases = " / ".join(f"{r[key]:.3f}" for key in PHASES)
+        print(f"| {core} | {r['fps']:,.0f} | {r['step_fps']:,.0f} | {raw:,.0f} | {r['fps'] / raw:.3f} "
+              f"| {r['updates_per_s']:.2f} | {r['lag']:.2f} | {phases} | {r['busy']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,12 @@ def test_learner_rerun_reproduces_behaviour_policy(core):
     assert max_abs_log_rho(net, late, batch={"done": no_resets}) > 1e-3
 
 
-def test_learner_rerun_on_atari_across_lost_lives():
+@pytest.mark.parametrize("torso_precision", ["float32", "bfloat16"])
+def test_learner_rerun_on_atari_across_lost_lives(torso_precision):
+    """Also with the torso in bfloat16: actors (N=2 per call) and learner (T x B at once) compute the same policy."""
     torch.manual_seed(0)
-    spec = dict(observation_shape=(4, 84, 84), num_actions=4, core="lstm", core_kwargs=dict(hidden_size=32))
+    spec = dict(observation_shape=(4, 84, 84), num_actions=4, core="lstm", core_kwargs=dict(hidden_size=32),
+                torso_precision=torso_precision)
     net = PolicyNet(**spec)
     [actor] = make_actors("Breakout", spec, num_actors=1, num_envs=2, T=40)
     unrolls = [u for [u] in collect([actor], net.state_dict(), rounds=3)]
