@@ -34,21 +34,25 @@ def train(game: str, spec: dict, updates: int, seed: int = 0) -> list[float]:
     return returns
 
 
-def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0) -> list[float]:
-    spec = dict(observation_shape=(5,), num_actions=4, core=core, core_kwargs=core_kwargs)
+def train_on_memory_task(core: str, core_kwargs: dict, seed: int = 0, torso_precision: str = "float32"
+                         ) -> list[float]:
+    spec = dict(observation_shape=(5,), num_actions=4, core=core, core_kwargs=core_kwargs,
+                torso_precision=torso_precision)
     return train("memory", spec, UPDATES, seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "core, core_kwargs",
+    "core, core_kwargs, torso_precision",
     [
-        ("lstm", dict(hidden_size=64)),
-        ("delta_net", dict(hidden_size=32, num_layers=1, num_heads=2, head_dim=16, ff_size=64)),
+        ("lstm", dict(hidden_size=64), "float32"),
+        ("delta_net", dict(hidden_size=32, num_layers=1, num_heads=2, head_dim=16, ff_size=64), "float32"),
+        # The bfloat16 torso (the default where the CPU computes bfloat16 natively) learns as well.
+        ("delta_net", dict(hidden_size=32, num_layers=1, num_heads=2, head_dim=16, ff_size=64), "bfloat16"),
     ],
 )
-def test_recurrent_core_remembers_the_cue(core, core_kwargs):
-    returns = train_on_memory_task(core, core_kwargs)
+def test_recurrent_core_remembers_the_cue(core, core_kwargs, torso_precision):
+    returns = train_on_memory_task(core, core_kwargs, torso_precision=torso_precision)
     assert np.mean(returns[:300]) < CHANCE + 0.2  # it starts at chance...
     assert np.mean(returns[-500:]) > 0.8  # ...and ends naming the cue more than 90% of the time
 
