@@ -40,6 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         full = write_failure(e, path)
         if full is not None:
             raise full from None
+        if not isinstance(e, KeyboardInterrupt) and any(isinstance(c, KeyboardInterrupt) for c in _chain(e)):
+            raise KeyboardInterrupt from None  # torch.save turns Ctrl-C inside a write into a RuntimeError
         raise
 
 
@@ -55,13 +57,19 @@ def write_failure(error: BaseException, path: str | os.PathLike) -> RunFileError
     """A RunFileError naming `path` when `error` (or an error it was raised from) says the disk is full, the
     quota is spent or the file size limit is reached; None for any other error. Writers that report a short
     write in their own words (torch.save: "unexpected pos ...") keep the OSError in `__context__`."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in _FULL:
-            what, fix = _FULL[error.errno]
+    for cause in _chain(error):
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            what, fix = _FULL[cause.errno]
             return RunFileError(f"{what} while writing {path}; what was saved before is kept (the previous "
                                 f"{Path(path).name}, if any): {fix} and run the same command again")
-        error = error.__cause__ or error.__context__
     return None
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or during."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def write_yaml(data: dict, path: str | os.PathLike) -> None:

@@ -45,8 +45,8 @@ class FailingFile:
         self.file.flush()
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("I/O error")],
-                         ids=["disk_full", "other_failure"])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("I/O error"),
+                                   KeyboardInterrupt()], ids=["disk_full", "other_failure", "ctrl_c"])
 def test_a_write_that_fails_part_way_leaves_the_previous_checkpoints_unchanged(error, tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(payload(1), path)
@@ -58,7 +58,8 @@ def test_a_write_that_fails_part_way_leaves_the_previous_checkpoints_unchanged(e
         real_save(obj, FailingFile(f, len(latest) // 2, error), *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_cut_short)
-    expected = RunFileError if isinstance(error, OSError) else RuntimeError
+    # Ctrl-C stays Ctrl-C (torch.save reports it as a RuntimeError), so that the run saves and exits with 130.
+    expected = {OSError: RunFileError, RuntimeError: RuntimeError, KeyboardInterrupt: KeyboardInterrupt}[type(error)]
     with pytest.raises(expected) as raised:
         save_checkpoint(payload(3), path)
     monkeypatch.undo()
