@@ -53,6 +53,7 @@ setup(
         "gymnasium>=1.0,<2",
         "ale-py>=0.12,<0.13",
         "opencv-python-headless>=4.10",
+        "imageio-ffmpeg>=0.5",  # bundles an ffmpeg with libx264: H.264 videos that browsers play
         "ray==2.60.*",
         "tensorboard",
         "tqdm",

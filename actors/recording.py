@@ -13,7 +13,7 @@ On disk an episode is three files with a common stem (`episode_0000`):
   the action), `done` [T] bool (the core was reset before step t), `probs` [T, A] float32 (the policy's action
   probabilities), `values` [T] float32 (its baseline), and `obs_crc` [T + 1] uint32, the CRC-32 of the
   observation seen at each step and of the one after the last action;
-- `.mp4`: the emulator's colour screen the agent acted on at each step, one frame per step.
+- `.mp4` (H.264): the emulator's colour screen the agent acted on at each step, one frame per step.
 
 The emulator's no-op starts and sticky actions draw from a generator seeded by the env seed alone, so the seed
 and the actions determine the whole game: `replay` re-runs it, checks rewards, `done` flags and observations
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
+import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -111,12 +111,12 @@ def play_episode(
         obs = env.reset()
         if video_path is not None and getattr(env, "screens", None) is None:
             raise TrajectoryError(f"{game} has no screen to record: evaluate it without --record")
-        with _video_writer(video_path, fps=ATARI_HZ / env.frameskip) as video:
+        with video_writer(video_path, fps=ATARI_HZ / env.frameskip) as video:
             reward, done, last_action = 0.0, True, 0
             steps["obs_crc"].append(observation_crc(obs[0]))
             while max_steps is None or len(steps["actions"]) < max_steps:
                 if video is not None:
-                    video.write(cv2.cvtColor(env.screens[0], cv2.COLOR_RGB2BGR))
+                    video.write(env.screens[0])
                 logits, value = _step_one(stepper, obs, reward, done, last_action)
                 probs = F.softmax(logits, dim=-1)
                 action = int(logits.argmax()) if greedy else int(torch.multinomial(probs, 1, generator=generator))
@@ -161,21 +161,38 @@ def play_episode(
     )
 
 
+class VideoWriter:
+    """Writes RGB frames [210, 160, 3] uint8 to an H.264 mp4 (yuv420p, index at the front), which browsers and
+    every ordinary player play; the encoder is the ffmpeg with libx264 that imageio-ffmpeg bundles (OpenCV's
+    wheels have no H.264 encoder)."""
+
+    def __init__(self, path: Path, fps: float):
+        self._frames = imageio_ffmpeg.write_frames(
+            str(path), (160, 210), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=8,
+            macro_block_size=1,  # 160x210 is even, which is all yuv420p needs: no rescaling to a multiple of 16
+            output_params=["-movflags", "+faststart"], ffmpeg_log_level="error",
+        )
+        self._frames.send(None)  # starts ffmpeg
+
+    def write(self, frame: np.ndarray) -> None:
+        self._frames.send(np.ascontiguousarray(frame))
+
+    def close(self) -> None:
+        self._frames.close()  # waits for ffmpeg to finish the file
+
+
 @contextlib.contextmanager
-def _video_writer(path: str | Path | None, fps: float) -> Iterator[cv2.VideoWriter | None]:
-    """An mp4 (`mp4v`, which OpenCV's bundled FFmpeg writes everywhere) of 160x210 colour frames, written
-    atomically; None when `path` is None."""
+def video_writer(path: str | Path | None, fps: float) -> Iterator[VideoWriter | None]:
+    """An H.264 mp4 of 160x210 colour frames, written atomically; None when `path` is None."""
     if path is None:
         yield None
         return
     with atomic_path(path) as tmp:
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (160, 210))
-        if not writer.isOpened():
-            raise RuntimeError(f"OpenCV cannot write an mp4 video at {tmp}: check opencv-python-headless")
+        writer = VideoWriter(tmp, fps)
         try:
             yield writer
         finally:
-            writer.release()
+            writer.close()
 
 
 def save_trajectory(trajectory: Trajectory, directory: str | Path, stem: str) -> None:

@@ -54,8 +54,8 @@ RANGES = {
     "dropout": _OPEN_PROBABILITY,
     "rmsprop_alpha": _OPEN_PROBABILITY,
 }
-# Keys where 0 means "off" although they are otherwise positive.
-ZERO_MEANS_OFF = {"grad_norm_clip": "agent.supervised"}
+# Keys where 0 means "off" although they are otherwise positive (in agent.train and agent.supervised alike).
+ZERO_MEANS_OFF = {"grad_norm_clip"}
 
 
 class ConfigError(ValueError):
@@ -107,10 +107,10 @@ def check_ranges(config: dict, where: dict[str, str]) -> None:
         value = config.get(key)
         if value is None or (value == 0 and key in ZERO_MEANS_OFF) or test(value):
             continue
-        flag = "--" + key.replace("_", "-")
         source = where.get(key, "the defaults")
+        fix = "--" + key.replace("_", "-") if source == "the command line" else f"{key} in {source}"
         off = " (or 0 for none)" if key in ZERO_MEANS_OFF else ""
-        raise ConfigError(f"{key} must be {text}{off}, got {value!r} (from {source}): fix {flag}")
+        raise ConfigError(f"{key} must be {text}{off}, got {value!r} (from {source}): fix {fix}")
 
 
 def merge_config(defaults: dict, config_file: str | Path | None, overrides: dict | None,

@@ -29,7 +29,7 @@ class Hyperparameters:
     discount: float
     baseline_cost: float
     entropy_cost: float
-    grad_norm_clip: float
+    grad_norm_clip: float  # global gradient-norm bound; 0 = no clipping
     reward_clip: float
 
     @classmethod
@@ -157,7 +157,7 @@ def update(
     loss, stats = compute_loss(state.model, batch, core_state, hp)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), hp.grad_norm_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), hp.grad_norm_clip or float("inf"))
     state.optimizer.step()
     state.frames += frames
     state.updates += 1

@@ -42,10 +42,11 @@ def save_checkpoint(payload: dict | bytes, path: str | Path, keep_previous: bool
     `path` or `previous_path(path)`."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        if isinstance(payload, bytes):
-            tmp.write_bytes(payload)
-        else:
-            torch.save(payload, tmp)
+        with open(tmp, "wb") as f:  # a file object, so that a full disk surfaces as ENOSPC, not "unexpected pos"
+            if isinstance(payload, bytes):
+                f.write(payload)
+            else:
+                torch.save(payload, f)
         if keep_previous and path.exists():
             # A hard link, renamed over the old previous: `path` stays in place until the new file replaces it.
             with atomic_path(previous_path(path)) as prev_tmp:
@@ -74,7 +75,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         raise CheckpointError(f"{path} does not exist") from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, IndexError, KeyError,
             AttributeError, TypeError, OSError, UnicodeDecodeError) as e:
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function it would call
             reason = "it holds Python objects that could run code when loaded, which rfwp never loads"
         elif path.stat().st_size == 0:
             reason = "the file is empty"
@@ -93,8 +94,8 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu",
                 required_keys: tuple[str, ...] = ()) -> dict | None:
     """The checkpoint at `path`, or else the previous one that `save_checkpoint` kept; None when neither exists.
 
-    A damaged file is renamed to `<name>.damaged-<unix time>` (kept for inspection, never deleted) with a line
-    that says so. Raises CheckpointError when every existing candidate is damaged.
+    A damaged file is renamed to `<name>.damaged-<unix time>` (kept for inspection, never deleted); a fallback
+    prints one line that says why. Raises CheckpointError when every existing candidate is damaged.
     """
     errors = []
     for candidate in (Path(path), previous_path(path)):
@@ -105,15 +106,15 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu",
         except CheckpointError as e:
             aside = candidate.with_name(f"{candidate.name}.damaged-{int(time.time())}")
             os.replace(candidate, aside)
-            print(f"warning: {e}; moved it aside to {aside.name}", flush=True)
-            errors.append(str(e))
+            errors.append(f"{e} (moved aside to {aside.name})")
             continue
         if candidate != Path(path):
-            print(f"Falling back to the previous checkpoint {candidate}", flush=True)
+            why = "; ".join(errors) or f"{path} is missing"
+            print(f"warning: {why}; falling back to the previous checkpoint {candidate}", flush=True)
         return checkpoint
     if errors:
-        raise CheckpointError(f"{'; '.join(errors)}. No loadable checkpoint is left: start a new run with "
-                              f"another --name (the damaged files were kept beside {Path(path).name})")
+        raise CheckpointError(f"{'; '.join(errors)}. No loadable checkpoint is left: run the same command to "
+                              "start the run again from the beginning, or start a new run with another --name")
     return None
 
 

@@ -22,7 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     error), so readers see the old file or the new one, never a partial one. The temporary path keeps the
     suffix of `path`, because some writers choose the format from it (video containers, numpy's .npz).
 
-    A full disk raises RunFileError naming the file; the old file is untouched.
+    A full disk raises RunFileError naming the file; the old file is untouched. Write to `open(tmp)`, not to the
+    path, when the writer is torch.save: then the OSError that says why a write failed reaches `write_failure`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,23 +37,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if _is_disk_full(e):
-            raise RunFileError(
-                f"no space left on the device while writing {path}; the previous {path.name} (if any) is "
-                "unchanged: free some space and run the same command again"
-            ) from None
+        full = write_failure(e, path)
+        if full is not None:
+            raise full from None
+        if not isinstance(e, KeyboardInterrupt) and any(isinstance(c, KeyboardInterrupt) for c in _chain(e)):
+            raise KeyboardInterrupt from None  # torch.save turns Ctrl-C inside a write into a RuntimeError
         raise
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC.
+# errno of a failed write -> (what happened, what to do)
+_FULL = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space"),
+    errno.EFBIG: ("the file size limit (ulimit -f) was reached", "raise the limit (ulimit -f unlimited)"),
+}
+
+
+def write_failure(error: BaseException, path: str | os.PathLike) -> RunFileError | None:
+    """A RunFileError naming `path` when `error` (or an error it was raised from) says the disk is full, the
+    quota is spent or the file size limit is reached; None for any other error. Writers that report a short
+    write in their own words (torch.save: "unexpected pos ...") keep the OSError in `__context__`."""
+    for cause in _chain(error):
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            what, fix = _FULL[cause.errno]
+            return RunFileError(f"{what} while writing {path}; what was saved before is kept (the previous "
+                                f"{Path(path).name}, if any): {fix} and run the same command again")
+    return None
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or during."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(error, RuntimeError) and "unexpected pos" in str(error):
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return False
 
 
 def write_yaml(data: dict, path: str | os.PathLike) -> None:

@@ -34,7 +34,10 @@ class RunLock:
             ) from None
         os.ftruncate(fd, 0)
         command = " ".join(["python", *sys.argv])[:200]
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds without the holder's name; the run's first write says why
+            pass
         self._fd = fd
         return self
 

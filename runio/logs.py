@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from runio.files import atomic_path
+from runio.files import atomic_path, write_failure
 
 
 class RunLogger:
@@ -45,11 +45,14 @@ class RunLogger:
     def log(self, row: dict[str, float | int]) -> None:
         """Write one row; `row[x_key]` is the x axis. Keys unknown to an existing CSV header go to TensorBoard
         only."""
-        with open(self.csv_path, "a", newline="") as f:
-            if self.fieldnames is None:
-                self.fieldnames = list(row)
-                csv.DictWriter(f, self.fieldnames).writeheader()
-            csv.DictWriter(f, self.fieldnames, extrasaction="ignore").writerow(row)
+        try:
+            with open(self.csv_path, "a", newline="") as f:
+                if self.fieldnames is None:
+                    self.fieldnames = list(row)
+                    csv.DictWriter(f, self.fieldnames).writeheader()
+                csv.DictWriter(f, self.fieldnames, extrasaction="ignore").writerow(row)
+        except OSError as e:
+            raise write_failure(e, self.csv_path) or e from None
         for key, value in row.items():
             if key != self.x_key and not (isinstance(value, float) and math.isnan(value)):
                 self.writer.add_scalar(key, value, global_step=row[self.x_key])

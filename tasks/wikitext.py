@@ -138,8 +138,8 @@ def _load_cache(path: Path, signature: list[list[int]]) -> Corpus | None:
 def _save_cache(path: Path, corpus: Corpus, signature: list[list[int]]) -> None:
     """Write the cache atomically."""
     blob = {"version": CACHE_VERSION, "sources": signature, "vocab": list(corpus.vocab), **corpus.splits}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)
 
 
 def load_corpus(data_dir: str | os.PathLike, use_cache: bool = True, progress: bool = True) -> Corpus:

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
 
 from actors.envs import env_options, env_spaces, make_vector_env, resolve_game
-from actors.recording import discounted_returns, load_trajectories, load_trajectory, replay, save_trajectory
+from actors.recording import video_writer, discounted_returns, load_trajectories, load_trajectory, replay, save_trajectory
 from agent.config import resolve_config
 from agent.evaluate import describe, load_evaluated_policy, main
 from learner.impala import Hyperparameters, LearnerState
@@ -85,14 +85,33 @@ def policy(path: Path):
 
 
 def video_frames(path: Path) -> list[np.ndarray]:
-    capture = cv2.VideoCapture(str(path))
-    assert capture.isOpened(), f"OpenCV cannot open {path}"
+    """The decoded RGB frames [210, 160, 3] of an mp4, after checking that it is H.264 (what browsers play)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["size"] == (160, 210), meta
+    frames = [np.frombuffer(frame, np.uint8).reshape(210, 160, 3) for frame in reader]
+    assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == len(frames)
+    return frames
+
+
+def test_videos_are_h264_with_every_frame_in_its_colours(tmp_path):
+    """Frames whose colours and content are known: each decodes to its own colours (RGB, in order)."""
     frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return frames
+    for i in range(40):
+        frame = np.zeros((210, 160, 3), np.uint8)
+        frame[:, :, i % 3] = 100 + 3 * i  # a flat colour that changes every frame
+        frame[60:120, 40:100] = (250, 250, 250)  # and a white box that stays
         frames.append(frame)
+    path = tmp_path / "video.mp4"
+    with video_writer(path, fps=15) as video:
+        for frame in frames:
+            video.write(frame)
+    decoded = video_frames(path)
+    assert len(decoded) == len(frames)
+    for i, (frame, original) in enumerate(zip(decoded, frames)):
+        assert np.abs(frame[5:50, 5:150].astype(int) - original[0, 0]).max() <= 8, i
+        assert (frame[70:110, 50:90] >= 240).all(), i
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]  # written atomically, no temporary left
 
 
 def previous(x: np.ndarray) -> torch.Tensor:
