@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -305,8 +306,8 @@ def run_rays(args, argv: list[str]) -> list[tuple[str, dict]]:
         if setup == "loopback":
             from tests.support import LoopbackCluster  # the tests' 3-node loopback cluster (3 raylets, token auth)
 
-            cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="rfwp-ingest-")), num_workers=2,
-                                      cpus_per_node=-(-logical_cpus // 3))
+            cluster_root = Path(tempfile.mkdtemp(prefix="rfwp-ingest-"))  # its token and node log
+            cluster = LoopbackCluster(cluster_root, num_workers=2, cpus_per_node=-(-logical_cpus // 3))
             env.update(cluster.env)
             extra += ["--address", cluster.address, "--daemon-roots", *(str(node.pid) for node in cluster.nodes)]
         try:
@@ -318,6 +319,7 @@ def run_rays(args, argv: list[str]) -> list[tuple[str, dict]]:
         finally:
             if cluster is not None:
                 cluster.stop()
+                shutil.rmtree(cluster_root, ignore_errors=True)
     return results
 
 
