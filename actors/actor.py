@@ -140,6 +140,9 @@ class ActorPool:
         unrolls_in_flight: requests kept outstanding per actor.
         name: prefix of the actors' Ray names (`<name>/actor<slot>.<replacement>`), so they can be found.
         max_replacements: consecutive replacements of a slot without one delivered unroll before giving up.
+        actor_class: the Ray actor class to run: `RayActor`, or one with the same constructor keywords (seed,
+            index, torch_threads besides `actor_kwargs`) and `unroll_from_store` (bench/ingest.py's synthetic
+            actors).
     """
 
     def __init__(
@@ -152,7 +155,9 @@ class ActorPool:
         unrolls_in_flight: int = 1,
         name: str = "rfwp",
         max_replacements: int = 5,
+        actor_class: ray.actor.ActorClass = RayActor,
     ):
+        self.actor_class = actor_class
         self.actor_kwargs, self.seed, self.stream, self.num_cpus = actor_kwargs, seed, stream, num_cpus
         self.unrolls_in_flight, self.name, self.max_replacements = unrolls_in_flight, name, max_replacements
         self.generations = [0] * num_actors
@@ -169,7 +174,7 @@ class ActorPool:
         generation = self.generations[index]
         # Seeds differ per replacement and per session, so that no stream of experience repeats.
         seed = int(np.random.SeedSequence([self.seed, self.stream, generation]).generate_state(1)[0])
-        return RayActor.options(
+        return self.actor_class.options(
             num_cpus=self.num_cpus, name=f"{self.name}/actor{index}.{generation}", scheduling_strategy="SPREAD"
         ).remote(**self.actor_kwargs, seed=seed, index=index, torch_threads=1)
 
