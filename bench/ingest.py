@@ -304,7 +304,7 @@ def run_rays(args, argv: list[str]) -> list[tuple[str, dict]]:
     for setup in args.rays:
         env, extra, cluster = dict(os.environ), ["--logical-cpus", str(logical_cpus)], None
         if setup == "loopback":
-            from tests.support import LoopbackCluster  # the tests' 3-node loopback cluster (3 raylets, token auth)
+            from bench.loopback import LoopbackCluster  # 3 raylets on loopback addresses, token auth
 
             cluster_root = Path(tempfile.mkdtemp(prefix="rfwp-ingest-"))  # its token and node log
             cluster = LoopbackCluster(cluster_root, num_workers=2, cpus_per_node=-(-logical_cpus // 3))

@@ -46,7 +46,7 @@ from models.ops import backend_label, resolve_backend
 from runio.checkpoint import (
     check_identity, checkpoint_bytes, load_latest, rng_state, save_checkpoint, set_rng_state
 )
-from runio.files import write_yaml
+from runio.files import RunFileError, write_yaml
 from runio.keeper import CheckpointKeeper
 from runio.lock import RunLock
 from runio.logs import RunLogger
@@ -373,6 +373,9 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         status = "cluster_lost"
         print(f"Stopped: {e}; checkpoint saved at {format_count(learner.frames)} frames. Run the same command to "
               "resume once the cluster is back", flush=True)
+    except RunFileError:
+        keeper.close()  # the disk refused the trainer's own checkpoint: it would refuse the keeper's too
+        raise
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous_sigterm)

@@ -65,8 +65,14 @@ def main(path: str) -> None:
         latest = (payload, frames)
     if latest is not None:
         from runio.checkpoint import save_checkpoint
+        from runio.files import RunFileError
 
-        save_checkpoint(latest[0], path)
+        try:
+            save_checkpoint(latest[0], path)
+        except (RunFileError, OSError) as e:
+            print(f"The trainer ended without saving, and its last state could not be saved either: {e}",
+                  file=sys.stderr, flush=True)
+            return
         print(f"The trainer ended without saving (e.g. its Ray cluster was lost); its state at {latest[1]:,} "
               f"frames was saved to {path}: run the same command to resume", file=sys.stderr, flush=True)
 
