@@ -58,8 +58,9 @@ def random_play(game: str, num_envs: int, options: dict, seconds: float, seed: i
     frames_before, start = env.frames, time.perf_counter()
     while time.perf_counter() - start < seconds:
         env.step(rng.integers(0, env.num_actions, num_envs))
+    played = env.frames - frames_before
     env.close()
-    return env.frames - frames_before
+    return played
 
 
 def raw_env_fps(config: dict, num_actors: int, seconds: float) -> float:

@@ -99,10 +99,10 @@ class Batch:
 
 class Feeder(threading.Thread):
     """Takes unrolls from `pool` as actors finish them and makes batches of `unrolls_per_batch` on `device`,
-    keeping up to `depth` ready. The learner publishes weights with `publish`; the feeder hands them to actors
+    keeping up to `depth` ready (one is enough to overlap; more would only add policy lag). The learner publishes weights with `publish`; the feeder hands them to actors
     with their next request."""
 
-    def __init__(self, pool: ActorPool, unrolls_per_batch: int, device: torch.device, depth: int = 2):
+    def __init__(self, pool: ActorPool, unrolls_per_batch: int, device: torch.device, depth: int = 1):
         super().__init__(name="rfwp-feeder", daemon=True)
         self.pool, self.unrolls_per_batch, self.device = pool, unrolls_per_batch, device
         self.batches: queue.Queue[Batch] = queue.Queue(maxsize=depth)
