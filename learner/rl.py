@@ -99,8 +99,8 @@ class Batch:
 
 class Feeder(threading.Thread):
     """Takes unrolls from `pool` as actors finish them and makes batches of `unrolls_per_batch` on `device`,
-    keeping up to `depth` ready (one is enough to overlap; more would only add policy lag). The learner publishes weights with `publish`; the feeder hands them to actors
-    with their next request."""
+    keeping up to `depth` ready (one is enough to overlap; more would only add policy lag). The learner publishes
+    weights with `publish`; the feeder hands them to actors with their next request."""
 
     def __init__(self, pool: ActorPool, unrolls_per_batch: int, device: torch.device, depth: int = 1):
         super().__init__(name="rfwp-feeder", daemon=True)
