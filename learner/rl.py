@@ -378,6 +378,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         raise
     finally:
         if in_main:
+            # The checkpoint is written: a second Ctrl-C must not cut the shutdown short with a traceback.
+            previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, previous_sigterm)
         if status is not None:
             keeper.close()  # every handled way out wrote the checkpoint; otherwise the keeper writes the last state
@@ -392,6 +394,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
         logger.close()
         if owns_ray:
             ray.shutdown()
+        if in_main:
+            signal.signal(signal.SIGINT, previous_sigint)
     return finish(status)
 
 

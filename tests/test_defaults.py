@@ -59,4 +59,4 @@ def test_the_check_sees_the_config_values():
     values = config_values()
     assert 0.0006 in values["learning_rate"] and 2048 in values["ff_size"] and 512 in values["ff_size"]
     # a repeated value is found (here a made-up config that gives depth the value of Feeder's default)
-    assert repeated_defaults("learner.rl", {"depth": [2]}) == ["learner.rl.Feeder(depth=2)"]
+    assert repeated_defaults("learner.rl", {"depth": [1]}) == ["learner.rl.Feeder(depth=1)"]
