@@ -18,17 +18,12 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be joined or was lost; the message says what to check."""
 
 
-def _stay_on_loopback() -> None:
-    """Make this process's Ray use 127.0.0.1 as its node address instead of the machine's network address."""
+def start_embedded_ray(num_cpus: int | None = None) -> None:
+    """Start a private single-node Ray on 127.0.0.1 with `num_cpus` CPUs (default: the machine's)."""
     # Ray swaps a loopback address for the machine's network address unless told that clusters are off. This
     # process read that switch when Ray was imported; the processes it starts read it from the environment.
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def start_embedded_ray(num_cpus: int | None = None) -> None:
-    """Start a private single-node Ray on 127.0.0.1 with `num_cpus` CPUs (default: the machine's)."""
-    _stay_on_loopback()
     # address="local" always starts a new Ray, where a bare ray.init() would join a `ray start` cluster.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
 

@@ -14,7 +14,6 @@ travels, so decoding reproduces the actor's observations bit for bit whatever th
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,7 +133,3 @@ class Unroll:
             if array.shape != shape or array.dtype != dtype:
                 raise ValueError(f"unroll {name} is {array.dtype}{list(array.shape)}, expected "
                                  f"{np.dtype(dtype)}{list(shape)}")
-
-
-def field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(Unroll))

@@ -18,7 +18,6 @@ from learner import losses, vtrace
 from models import PolicyNet
 
 
-
 @dataclass(frozen=True)
 class Hyperparameters:
     total_frames: int

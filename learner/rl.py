@@ -252,8 +252,8 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
 
     game_returns: collections.deque = collections.deque(maxlen=100)
     life_returns: collections.deque = collections.deque(maxlen=100)
-    summary = {"run_dir": str(run_dir), "status": "done", "fps": float("nan"), "actor_restarts": 0,
-               "actor_replacements": 0, "nodes_lost": 0}
+    summary = {"run_dir": str(run_dir), "fps": float("nan"), "actor_restarts": 0, "actor_replacements": 0,
+               "nodes_lost": 0}
 
     def finish(status: str) -> dict:
         summary.update(status=status, exit_code=EXIT_CODES[status], frames=learner.frames, updates=learner.updates,
@@ -346,8 +346,9 @@ def _train_locked(config: dict, device: torch.device, game: str, run_dir: Path) 
                 for node in current.keys() - nodes.keys():
                     print(f"Ray node {current[node]} ({node[:8]}) joined the cluster", flush=True)
                 nodes = current
-                if all(pool.nodes) and describe_nodes(pool.actors_per_node(), nodes) != placement:
-                    placement = describe_nodes(pool.actors_per_node(), nodes)
+                current_placement = describe_nodes(pool.actors_per_node(), nodes)
+                if all(pool.nodes) and current_placement != placement:
+                    placement = current_placement
                     print(f"Actors: {placement}", flush=True)
                 summary.update(actor_restarts=pool.restarts, actor_replacements=pool.replacements)
                 summary["fps"] = _log_interval(logger, interval, learner, counters, summary, nodes, pool,
